@@ -1,0 +1,1 @@
+"""The fused-feature cache: format, writer, reader, manifest, fingerprints."""

@@ -1,0 +1,1 @@
+"""Everything before the cache: readers, alignment, encoders, precompute, demo data."""

@@ -1,0 +1,289 @@
+"""The one view of an episode the rest of dprgb uses, and the one alignment function.
+
+`open_task(cfg, task)` finds a task's feature stores (one per backbone root) and its
+trajectories, decides the task's action layout, aligns every episode by step id and returns
+`Episode`s: the aligned step ids, per-step actions and per-backbone feature access. The
+precompute (cache) path and the finetune path both go through `align_steps`, so the same
+step gives the same observation and action either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from dprgb.pipeline.config import DataConfig
+from dprgb.pipeline.errors import DprgbError
+from dprgb.pipeline.features import FeatureEpisode, list_feature_episodes, list_tasks, open_feature_episode
+from dprgb.pipeline.naming import parse_task_name
+from dprgb.pipeline.trajectories import (
+    ARMS,
+    FORMAT_SEGMENTS,
+    Trajectory,
+    list_trajectory_files,
+    load_trajectory,
+    trajectory_dirs,
+)
+
+
+@dataclass(frozen=True)
+class ActionLayout:
+    """How a task's action vector is assembled: the arms in order, their dofs, grippers."""
+
+    arms: tuple[str, ...]  # e.g. ("left", "right"); left first
+    dofs: tuple[int, ...]  # joint count of each arm
+    gripper: bool  # a gripper value follows each arm's joints
+    offset: int  # action[t] = target[t + offset]
+
+    @property
+    def dim(self) -> int:
+        return sum(self.dofs) + (len(self.arms) if self.gripper else 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "arms": list(self.arms),
+            "dofs": list(self.dofs),
+            "gripper": self.gripper,
+            "offset": self.offset,
+            "dim": self.dim,
+        }
+
+    def targets(self, trajectory: Trajectory) -> np.ndarray:
+        """(T, dim) per-frame drive targets in layout order."""
+        columns = []
+        for arm in self.arms:
+            track = trajectory.arms[arm]
+            columns.append(track.joints)
+            if self.gripper:
+                columns.append(track.gripper[:, None])
+        return np.concatenate(columns, axis=1)
+
+
+@dataclass
+class Alignment:
+    steps: np.ndarray  # step ids that have features in every backbone and an action
+    lacking_action: np.ndarray  # feature steps with no action (the last `offset` frames, ...)
+    lacking_features: np.ndarray  # trajectory frames with no features
+
+
+def align_steps(
+    feature_steps: dict[str, np.ndarray], num_targets: int, action_offset: int, *, path: Path, episode: int
+) -> Alignment:
+    """THE alignment rule: step s pairs the frames with step id s in every backbone with
+    action target[s + action_offset] (RoboTwin: frame t of the HDF5 is step_t)."""
+    names = list(feature_steps)
+    reference = feature_steps[names[0]]
+    for name in names[1:]:
+        only_ref = np.setdiff1d(reference, feature_steps[name])
+        only_other = np.setdiff1d(feature_steps[name], reference)
+        if len(only_ref) or len(only_other):
+            extra, holder, other = (
+                (only_ref, names[0], name) if len(only_ref) else (only_other, name, names[0])
+            )
+            raise DprgbError(
+                f"step(s) {extra[:8].tolist()} present in the {holder} root but not in {other}",
+                path=path,
+                episode=episode,
+            )
+    has_action = reference + action_offset < num_targets
+    frames = np.arange(num_targets, dtype=np.int64)
+    return Alignment(
+        steps=reference[has_action],
+        lacking_action=reference[~has_action],
+        lacking_features=np.setdiff1d(frames, reference),
+    )
+
+
+@dataclass
+class Episode:
+    task: str
+    index: int  # source episode number
+    steps: np.ndarray  # (T,) int64 aligned step ids
+    actions: np.ndarray  # (T, A) float32, actions[i] belongs to steps[i]
+    features: dict[str, FeatureEpisode]  # backbone -> its store, in config root order
+    trajectory_path: Path
+    lacking_action: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lacking_features: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def backbones(self) -> list[str]:
+        return list(self.features)
+
+    def read_features(self, backbone: str, steps: np.ndarray | None = None) -> np.ndarray:
+        """(n, Hf, Wf, C) feature maps of one backbone, chosen by its slot policy."""
+        return self.features[backbone].read(self.steps if steps is None else steps)
+
+    def read_frames(self, steps: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return {name: self.read_features(name, steps) for name in self.features}
+
+
+@dataclass
+class TaskScan:
+    """What is on disk for one task: stores, trajectories, the action layout. Decodes no
+    feature chunk (inspect uses it to count frames)."""
+
+    task: str
+    trajectory_dir: Path | None
+    stores: dict[int, dict[str, FeatureEpisode]]  # episode -> backbone -> store
+    trajectories: dict[int, Trajectory]  # every trajectory file of the task
+    layout: ActionLayout
+    format: str
+
+    @property
+    def usable_episodes(self) -> list[int]:
+        return sorted(set(self.stores) & set(self.trajectories))
+
+
+def scan_task(cfg: DataConfig, task: str) -> TaskScan:
+    episode_paths = {root.backbone: list_feature_episodes(root.path, task) for root in cfg.rgb_zarr_roots}
+    first = cfg.rgb_zarr_roots[0]
+    for root in cfg.rgb_zarr_roots[1:]:
+        only = set(episode_paths[first.backbone]) ^ set(episode_paths[root.backbone])
+        if only:
+            ep = min(only)
+            holder = first if ep in episode_paths[first.backbone] else root
+            missing = root if holder is first else first
+            raise DprgbError(
+                f"episode store present in the {holder.backbone} root but not in {missing.backbone}",
+                path=missing.path / task,
+                episode=ep,
+            )
+    stores = {
+        ep: {
+            root.backbone: open_feature_episode(
+                root.backbone, episode_paths[root.backbone][ep], ep, cfg.slot_policy_for(root.backbone)
+            )
+            for root in cfg.rgb_zarr_roots
+        }
+        for ep in episode_paths[first.backbone]
+    }
+    trajectory_dir, files = _find_trajectory_files(cfg, task)
+    trajectories = {ep: load_trajectory(path, ep) for ep, path in files.items()}
+    for ep in stores:
+        if ep not in trajectories:
+            raise DprgbError(
+                f"task {task!r} has features but no trajectory file", path=trajectory_dir, episode=ep
+            )
+    formats = {t.format for t in trajectories.values()}
+    if len(formats) != 1:
+        raise DprgbError(f"task {task!r} mixes trajectory formats {sorted(formats)}", path=trajectory_dir)
+    return TaskScan(
+        task=task,
+        trajectory_dir=trajectory_dir,
+        stores=stores,
+        trajectories=trajectories,
+        layout=decide_layout(cfg, list(trajectories.values())),
+        format=formats.pop(),
+    )
+
+
+def _find_trajectory_files(cfg: DataConfig, task: str) -> tuple[Path, dict[int, Path]]:
+    name = parse_task_name(task)
+    sources = ["hdf5", "pkl"] if cfg.action_source == "auto" else [cfg.action_source]
+    dirs = trajectory_dirs(cfg.traj_root, name.base, name.config, task)
+    if not cfg.traj_root.is_dir():
+        raise DprgbError("trajectory root does not exist", path=cfg.traj_root)
+    for source in sources:
+        for directory in dirs:
+            files = list_trajectory_files(directory, source)
+            if files:
+                return directory, files
+    raise DprgbError(
+        f"no {' or '.join(sources)} trajectories for task {task!r} "
+        f"(looked in {', '.join(str(d) for d in dirs)})",
+        path=cfg.traj_root,
+    )
+
+
+def decide_layout(cfg: DataConfig, trajectories: list[Trajectory]) -> ActionLayout:
+    """Arms = those the data holds and the config enables; with fuse_arms false, only the
+    arm that moves most over the task's episodes (single-arm tasks from two-arm data)."""
+    first = trajectories[0]
+    dofs = first.dofs()
+    for trajectory in trajectories[1:]:
+        if trajectory.dofs() != dofs:
+            raise DprgbError(
+                f"arms/dofs {trajectory.dofs()} differ from episode {first.episode}'s {dofs}",
+                path=trajectory.path,
+                episode=trajectory.episode,
+            )
+    enabled = {"left": cfg.use_left_arm, "right": cfg.use_right_arm}
+    arms = [arm for arm in ARMS if arm in dofs and enabled[arm]]
+    if not arms:
+        raise DprgbError(
+            f"no enabled arm has data (the data holds {sorted(dofs)})", path=first.path, episode=first.episode
+        )
+    if not cfg.fuse_arms and len(arms) > 1:
+        arms = [max(arms, key=lambda arm: _arm_motion(trajectories, arm))]
+    gripper = (
+        cfg.include_gripper
+        and first.format != FORMAT_SEGMENTS
+        and all(track.gripper is not None for track in first.arms.values())
+    )
+    return ActionLayout(tuple(arms), tuple(dofs[a] for a in arms), gripper, cfg.action_offset)
+
+
+def _arm_motion(trajectories: list[Trajectory], arm: str) -> float:
+    total = 0.0
+    for trajectory in trajectories:
+        if trajectory.format == FORMAT_SEGMENTS:
+            total += sum(float(np.abs(np.diff(s, axis=0)).sum()) for s in trajectory.segments.get(arm, []))
+        else:
+            total += float(np.abs(np.diff(trajectory.arms[arm].joints, axis=0)).sum())
+    return total
+
+
+def build_episode(
+    task: str, stores: dict[str, FeatureEpisode], trajectory: Trajectory, layout: ActionLayout
+) -> Episode:
+    """Pair one episode's feature stores with its trajectory under the task's layout."""
+    feature_steps = {name: store.steps for name, store in stores.items()}
+    if trajectory.format == FORMAT_SEGMENTS:  # opted in: stretch onto the store's frames
+        trajectory = trajectory.resampled(int(max(s.max() for s in feature_steps.values())) + 1)
+    targets = layout.targets(trajectory)
+    alignment = align_steps(
+        feature_steps, len(targets), layout.offset, path=trajectory.path, episode=trajectory.episode
+    )
+    if len(alignment.steps) == 0:
+        raise DprgbError(
+            "no step has both features and an action", path=trajectory.path, episode=trajectory.episode
+        )
+    return Episode(
+        task=task,
+        index=trajectory.episode,
+        steps=alignment.steps,
+        actions=targets[alignment.steps + layout.offset].astype(np.float32),
+        features=stores,
+        trajectory_path=trajectory.path,
+        lacking_action=alignment.lacking_action,
+        lacking_features=alignment.lacking_features,
+    )
+
+
+def check_usable(cfg: DataConfig, scan: TaskScan) -> None:
+    if scan.format == FORMAT_SEGMENTS and not cfg.resample_segments:
+        raise DprgbError(
+            f"task {scan.task!r} has RoboTwin planner-segment pickles, not per-frame actions; "
+            "use HDF5 joint_action, or set resample_segments: true to stretch segments over "
+            "the frames (approximate, no gripper)",
+            path=scan.trajectory_dir,
+        )
+
+
+def episodes_from_scan(cfg: DataConfig, scan: TaskScan) -> list[Episode]:
+    check_usable(cfg, scan)
+    return [
+        build_episode(scan.task, scan.stores[ep], scan.trajectories[ep], scan.layout)
+        for ep in scan.usable_episodes
+    ]
+
+
+def open_task(cfg: DataConfig, task: str) -> tuple[ActionLayout, list[Episode]]:
+    scan = scan_task(cfg, task)
+    return scan.layout, episodes_from_scan(cfg, scan)
+
+
+def select_tasks(cfg: DataConfig) -> list[str]:
+    """The configured tasks, or every task under the first feature root."""
+    return list(cfg.tasks) if cfg.tasks else list_tasks(cfg.rgb_zarr_roots[0].path)

@@ -1,0 +1,280 @@
+"""Reading raw backbone feature stores (FORMATS.md section 2), read-only.
+
+Two layouts per episode, `<root>/<task>/episode_<i>.zarr`:
+
+- windowed pack (zarr format 2): `per_frame_features [W, Tw, Hf, Wf, C]`, one chunk per
+  window, overlapping windows (window wi holds frames wi .. wi+Tw-1 for stride 1). The
+  step id of slot (wi, ti) comes from `frame_paths.json` (or `.zattrs["frame_paths"]`),
+  parsed from `step_XXXX` image names. A frame lives in up to Tw windows; the slot policy
+  picks which copy to read:
+    causal: the window that ends at the frame (largest slot index): no future frames
+            in the window, required for cross-frame backbones (VGGT, DA3);
+    any:    whichever copy reads the fewest chunks (greedy interval cover), for per-frame
+            backbones (CroCo, DINOv3) whose copies are identical.
+- plain array `[T, Hf, Wf, C]` (zarr format 2 or 3), as the store itself or as the array
+  `features` in a group; step ids from attributes `frame_paths` or `steps`, else 0..T-1.
+
+Stores are opened through a read-only LocalStore: a reader cannot write into a data set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from dprgb.pipeline.errors import DprgbError
+from dprgb.pipeline.naming import episode_index, step_from_frame_path
+from zarr.storage import LocalStore
+
+WINDOWED_ARRAY = "per_frame_features"
+PLAIN_ARRAY = "features"
+
+
+def list_tasks(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DprgbError("feature root does not exist", path=root)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_feature_episodes(root: Path, task: str) -> dict[int, Path]:
+    """Episode number -> store path for one task under one backbone root."""
+    task_dir = root / task
+    if not root.is_dir():
+        raise DprgbError("feature root does not exist", path=root)
+    if not task_dir.is_dir():
+        raise DprgbError(f"task {task!r} not found in feature root", path=root)
+    episodes = {}
+    for path in task_dir.iterdir():
+        index = episode_index(path.name)
+        if index is not None and path.name.endswith(".zarr"):
+            episodes[index] = path
+    return dict(sorted(episodes.items()))
+
+
+@dataclass
+class FeatureEpisode:
+    """One episode of one backbone's feature store."""
+
+    backbone: str
+    path: Path
+    episode: int
+    layout: str  # "windowed" or "plain"
+    array: zarr.Array
+    steps: np.ndarray  # (T,) int64, sorted step ids this store holds
+    slot_policy: str = "causal"
+    # windowed only: for each step position, its copies as (window, slot) pairs
+    copies: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape[-3:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def window_size(self) -> int:
+        return int(self.array.shape[1]) if self.layout == "windowed" else 1
+
+    def positions(self, steps: np.ndarray) -> np.ndarray:
+        """Index of each step id in `self.steps`; unknown steps are a user error."""
+        steps = np.asarray(steps, dtype=np.int64)
+        pos = np.searchsorted(self.steps, steps)
+        pos = np.clip(pos, 0, len(self.steps) - 1)
+        bad = self.steps[pos] != steps
+        if bad.any():
+            raise DprgbError(
+                f"{self.backbone} store has no step(s) {steps[bad][:5].tolist()}",
+                path=self.path,
+                episode=self.episode,
+            )
+        return pos
+
+    def chunk_plan(self, steps: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+        """Which chunks to decode for `steps`: chunk index -> [(output row, slot)].
+
+        Under `any`, a greedy interval cover over the requested positions keeps the current
+        window while it still holds the next frame, else jumps to the furthest window that
+        does: the fewest chunks for the request (every Tw-th window for a whole episode).
+        """
+        pos = self.positions(steps)
+        plan: dict[int, list[tuple[int, int]]] = {}
+        if self.layout == "plain":
+            for row, p in enumerate(pos):
+                plan.setdefault(int(p), []).append((row, 0))
+            return plan
+        current: dict[int, int] = {}  # window -> slot of the frame being placed
+        window = -1
+        for row in np.argsort(pos, kind="stable"):
+            copies = self.copies[pos[row]]
+            if self.slot_policy == "causal":
+                window, slot = max(copies, key=lambda c: c[1])
+            else:
+                current = dict(copies)
+                if window not in current:
+                    window = max(current)
+                slot = current[window]
+            plan.setdefault(window, []).append((int(row), slot))
+        return plan
+
+    def read(self, steps: np.ndarray) -> np.ndarray:
+        """Feature maps for `steps`: (len(steps), Hf, Wf, C), in the store's dtype.
+
+        Decodes each chunk of the plan once, one chunk at a time (a VGGT window chunk is
+        ~68 MB, so batching chunks would multiply peak memory).
+        """
+        steps = np.asarray(steps, dtype=np.int64)
+        out = np.empty((len(steps), *self.frame_shape), dtype=self.dtype)
+        for chunk, rows in self.chunk_plan(steps).items():
+            out_rows = [r for r, _ in rows]
+            if self.layout == "plain":
+                out[out_rows] = self.array[chunk]
+            elif len(rows) == 1:
+                out[out_rows[0]] = self.array[chunk, rows[0][1]]
+            else:
+                window = self.array[chunk]  # (Tw, Hf, Wf, C), one decode
+                out[out_rows] = window[[s for _, s in rows]]
+        zero = ~out.reshape(len(steps), -1).any(axis=1)
+        if zero.any():
+            raise DprgbError(
+                f"{self.backbone} features are all zero at step(s) {steps[zero][:8].tolist()} "
+                "(a window that was never written reads back as zeros)",
+                path=self.path,
+                episode=self.episode,
+            )
+        if not np.isfinite(out).all():
+            bad = ~np.isfinite(out.reshape(len(steps), -1)).all(axis=1)
+            raise DprgbError(
+                f"{self.backbone} features hold NaN or inf at step(s) {steps[bad][:8].tolist()}",
+                path=self.path,
+                episode=self.episode,
+            )
+        return out
+
+    def unwritten_steps(self) -> np.ndarray:
+        """Steps whose chosen copy sits in a chunk that was never written (reads as zeros).
+
+        Looks at which chunk files exist; decodes nothing."""
+        written = _written_chunks(self.array)
+        plan = self.chunk_plan(self.steps)
+        missing = [row for chunk, rows in plan.items() if chunk not in written for row, _ in rows]
+        return self.steps[sorted(missing)]
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def open_feature_episode(
+    backbone: str, path: Path, episode: int, slot_policy: str = "causal"
+) -> FeatureEpisode:
+    if not path.exists():
+        raise DprgbError(f"{backbone} feature store missing", path=path, episode=episode)
+    try:
+        node = zarr.open(store=LocalStore(path, read_only=True), mode="r")
+    except Exception as err:  # zarr raises many types for unreadable metadata
+        raise DprgbError(f"not a readable zarr store ({err})", path=path, episode=episode) from None
+    if isinstance(node, zarr.Array):
+        return _open_plain(backbone, path, episode, node, dict(node.attrs))
+    if WINDOWED_ARRAY in node:
+        return _open_windowed(backbone, path, episode, node, slot_policy)
+    if PLAIN_ARRAY in node:
+        return _open_plain(backbone, path, episode, node[PLAIN_ARRAY], dict(node.attrs))
+    raise DprgbError(
+        f"zarr group holds neither {WINDOWED_ARRAY!r} nor {PLAIN_ARRAY!r}", path=path, episode=episode
+    )
+
+
+def _open_windowed(
+    backbone: str, path: Path, episode: int, group: zarr.Group, slot_policy: str
+) -> FeatureEpisode:
+    array = group[WINDOWED_ARRAY]
+    if array.ndim != 5:
+        raise DprgbError(
+            f"{WINDOWED_ARRAY} has rank {array.ndim} {array.shape}, expected 5 [W, Tw, Hf, Wf, C]",
+            path=path,
+            episode=episode,
+        )
+    n_windows, window_size = array.shape[:2]
+    frame_paths = _read_frame_paths(path, group)
+    if frame_paths is None:
+        raise DprgbError(
+            "no frame_paths.json or .zattrs frame_paths: cannot tell which step each slot holds",
+            path=path,
+            episode=episode,
+        )
+    if len(frame_paths) != n_windows or any(len(w) != window_size for w in frame_paths):
+        raise DprgbError(
+            f"frame_paths is not {n_windows} windows x {window_size} frames like the array",
+            path=path,
+            episode=episode,
+        )
+    copies_by_step: dict[int, list[tuple[int, int]]] = {}
+    try:
+        for wi, window in enumerate(frame_paths):
+            for ti, frame in enumerate(window):
+                copies_by_step.setdefault(step_from_frame_path(frame), []).append((wi, ti))
+    except ValueError as err:
+        raise DprgbError(str(err), path=path, episode=episode) from None
+    steps = np.array(sorted(copies_by_step), dtype=np.int64)
+    return FeatureEpisode(
+        backbone=backbone,
+        path=path,
+        episode=episode,
+        layout="windowed",
+        array=array,
+        steps=steps,
+        slot_policy=slot_policy,
+        copies=[copies_by_step[int(s)] for s in steps],
+    )
+
+
+def _open_plain(backbone: str, path: Path, episode: int, array: zarr.Array, attrs: dict) -> FeatureEpisode:
+    if array.ndim != 4:
+        raise DprgbError(
+            f"feature array has rank {array.ndim} {array.shape}, expected 4 [T, Hf, Wf, C]",
+            path=path,
+            episode=episode,
+        )
+    n_frames = array.shape[0]
+    if "frame_paths" in attrs:
+        steps = [step_from_frame_path(p) for p in attrs["frame_paths"]]
+    elif "steps" in attrs:
+        steps = [int(s) for s in attrs["steps"]]
+    else:
+        steps = list(range(n_frames))
+    steps = np.asarray(steps, dtype=np.int64)
+    if len(steps) != n_frames or (np.diff(steps) <= 0).any():
+        raise DprgbError(
+            f"step ids ({len(steps)}) do not match {n_frames} frames in increasing order",
+            path=path,
+            episode=episode,
+        )
+    return FeatureEpisode(backbone, path, episode, "plain", array, steps, "any")
+
+
+def _read_frame_paths(path: Path, group: zarr.Group) -> list[list[str]] | None:
+    json_file = path / "frame_paths.json"
+    if json_file.is_file():
+        try:
+            return json.loads(json_file.read_text())
+        except json.JSONDecodeError as err:
+            raise DprgbError(f"frame_paths.json is not valid JSON ({err})", path=json_file) from None
+    return group.attrs.get("frame_paths")
+
+
+def _written_chunks(array: zarr.Array) -> set[int]:
+    """First chunk index of every chunk file present ('2.0.0.0.0', '2/0/0/0/0', 'c/2/0/...')."""
+    array_dir = Path(array.store_path.store.root) / array.store_path.path
+    written = set()
+    for file in array_dir.rglob("*"):
+        rel = file.relative_to(array_dir).as_posix()
+        if not file.is_file() or rel.startswith(".") or rel == "zarr.json":
+            continue
+        first = rel.removeprefix("c/").removeprefix("c.").replace("/", ".").split(".")[0]
+        if first.isdigit():
+            written.add(int(first))
+    return written

@@ -1,0 +1,150 @@
+"""What the data really holds: the numbers behind `dprgb inspect` and group resolution.
+
+Nothing here decodes a feature chunk: frames are counted from frame_paths metadata and
+never-written windows from the chunk files present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from dprgb.pipeline.config import DataConfig
+from dprgb.pipeline.episodes import TaskScan, align_steps, scan_task, select_tasks
+from dprgb.pipeline.errors import DprgbError
+from dprgb.pipeline.features import list_feature_episodes, open_feature_episode
+from dprgb.pipeline.trajectories import FORMAT_SEGMENTS
+
+
+def group_name(action_dim: int) -> str:
+    return f"arm{action_dim}"
+
+
+def task_action_summary(cfg: DataConfig, scan: TaskScan) -> dict[str, Any]:
+    dofs = scan.trajectories[min(scan.trajectories)].dofs()
+    frames, lacking_action, lacking_features = [], 0, 0
+    segments = scan.format == FORMAT_SEGMENTS
+    for ep in scan.usable_episodes:
+        stores = scan.stores[ep]
+        feature_steps = {name: store.steps for name, store in stores.items()}
+        frames.append(len(next(iter(feature_steps.values()))))
+        num_targets = scan.trajectories[ep].num_frames
+        if num_targets is None:  # segments carry no frames; resampling maps them onto the store's
+            num_targets = int(max(s.max() for s in feature_steps.values())) + 1
+        path = scan.trajectories[ep].path
+        alignment = align_steps(feature_steps, num_targets, scan.layout.offset, path=path, episode=ep)
+        lacking_action += len(alignment.lacking_action)
+        lacking_features += len(alignment.lacking_features)
+    usable = not segments or cfg.resample_segments
+    notes = []
+    if segments:
+        notes.append(
+            "planner segments, not per-frame actions"
+            + ("; resampled onto frames, no gripper" if cfg.resample_segments else "; not used")
+        )
+    no_features = sorted(set(scan.trajectories) - set(scan.stores))
+    if no_features:
+        notes.append(f"episodes {no_features} have a trajectory but no feature store")
+    return {
+        "task": scan.task,
+        "source": str(scan.trajectory_dir),
+        "format": scan.format,
+        "left_dof": dofs.get("left", 0),
+        "right_dof": dofs.get("right", 0),
+        "gripper": scan.layout.gripper
+        or (not segments and scan.trajectories[min(scan.trajectories)].has_gripper()),
+        "arms": list(scan.layout.arms),
+        "action_dim": scan.layout.dim,
+        "usable": usable,
+        "episodes": len(frames),
+        "frames": int(sum(frames)),
+        "frames_min": int(min(frames)) if frames else 0,
+        "frames_median": float(np.median(frames)) if frames else 0.0,
+        "frames_max": int(max(frames)) if frames else 0,
+        "steps_lacking_action": int(lacking_action),
+        "steps_lacking_features": int(lacking_features),
+        "episodes_without_features": no_features,
+        "notes": notes,
+    }
+
+
+def action_dims_report(cfg: DataConfig, groups: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`{"tasks": [per-task summary], "groups": {"arm7": [...], ...}}` over ALL episodes."""
+    rows = [task_action_summary(cfg, scan_task(cfg, task)) for task in select_tasks(cfg)]
+    by_dim: dict[str, list[str]] = {}
+    for row in sorted(rows, key=lambda r: r["action_dim"]):
+        if row["usable"]:
+            by_dim.setdefault(group_name(row["action_dim"]), []).append(row["task"])
+    for name, group in (groups or {}).items():
+        if isinstance(group, dict) and group.get("tasks"):
+            by_dim[name] = list(group["tasks"])
+    return {"tasks": rows, "groups": by_dim}
+
+
+def resolve_group_tasks(cfg: DataConfig, group: str, groups: Mapping[str, Any]) -> list[str]:
+    """A group the config names (with `tasks`) wins; else `armN` = every selected usable
+    task whose action vector has N dims."""
+    named = groups.get(group) or {}
+    if named.get("tasks"):
+        return list(named["tasks"])
+    if not (group.startswith("arm") and group[3:].isdigit()):
+        raise DprgbError(
+            f"group {group!r} is not named in the config and is not of the form armN "
+            "(run `dprgb inspect action-dims` to see the groups)"
+        )
+    dim = int(group[3:])
+    tasks = []
+    for task in select_tasks(cfg):
+        scan = scan_task(cfg, task)
+        if scan.layout.dim == dim and (scan.format != FORMAT_SEGMENTS or cfg.resample_segments):
+            tasks.append(task)
+    if not tasks:
+        raise DprgbError(f"no selected task has {dim}-dim actions (group {group!r})")
+    return tasks
+
+
+def features_report(cfg: DataConfig) -> list[dict[str, Any]]:
+    """Per root and task: episodes, layout, shapes, dtype, chunking, compressor, frames,
+    never-written (zero) frames under the slot policy, bytes on disk."""
+    rows = []
+    for root in cfg.rgb_zarr_roots:
+        for task in select_tasks(cfg):
+            episodes = list_feature_episodes(root.path, task)
+            stores = [
+                open_feature_episode(root.backbone, path, ep, cfg.slot_policy_for(root.backbone))
+                for ep, path in episodes.items()
+            ]
+            if not stores:
+                rows.append({"backbone": root.backbone, "root": str(root.path), "task": task, "episodes": 0})
+                continue
+            first = stores[0]
+            zero = {s.episode: s.unwritten_steps().tolist() for s in stores}
+            rows.append(
+                {
+                    "backbone": root.backbone,
+                    "root": str(root.path),
+                    "task": task,
+                    "episodes": len(stores),
+                    "layout": first.layout,
+                    "slot_policy": first.slot_policy,
+                    "frame_shape": list(first.frame_shape),
+                    "array_shape": list(first.array.shape),
+                    "dtype": str(first.dtype),
+                    "chunks": list(first.array.chunks),
+                    "compressor": ", ".join(repr(c) for c in first.array.compressors),
+                    "frames": int(sum(len(s.steps) for s in stores)),
+                    "zero_frames": int(sum(len(v) for v in zero.values())),
+                    "zero_frames_by_episode": {str(k): v for k, v in zero.items() if v},
+                    "bytes": int(sum(s.bytes_on_disk() for s in stores)),
+                }
+            )
+    return rows
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

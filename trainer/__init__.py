@@ -1,0 +1,1 @@
+"""Everything after the cache: UNet, schedulers, normalizer, training loop, policy."""
