@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-inspect_app = typer.Typer(help="Tell what the data, the cache or a checkpoint really holds.", no_args_is_help=True)
+inspect_app = typer.Typer(
+    help="Tell what the data, the cache or a checkpoint really holds.", no_args_is_help=True
+)
 app.add_typer(inspect_app, name="inspect")
 
 console = Console()
@@ -153,7 +156,18 @@ def inspect_features(config: ConfigOpt = None, tasks: TasksOpt = None, as_json: 
         print(json.dumps({"features": rows}))
         return
     table = Table(title="feature stores")
-    for column in ("backbone", "task", "eps", "layout/policy", "frame", "dtype", "chunks", "frames", "zero", "disk"):
+    for column in (
+        "backbone",
+        "task",
+        "eps",
+        "layout/policy",
+        "frame",
+        "dtype",
+        "chunks",
+        "frames",
+        "zero",
+        "disk",
+    ):
         table.add_column(column)
     for row in rows:
         if not row["episodes"]:
@@ -174,6 +188,307 @@ def inspect_features(config: ConfigOpt = None, tasks: TasksOpt = None, as_json: 
     console.print(table)
     if rows and rows[0].get("compressor"):
         console.print(f"compressor: {rows[0]['compressor']}")
+
+
+# ------------------------------------------------------------------------------ precompute
+
+
+def _precompute_tasks(settings: dict, data: DataConfig, explicit: bool) -> list[str]:
+    """Named tasks are taken strictly; otherwise tasks that cannot be cached (planner
+    segments without resample_segments) are skipped with a note."""
+    from dprgb.pipeline.episodes import scan_task, select_tasks
+    from dprgb.pipeline.report import resolve_group_tasks
+    from dprgb.pipeline.trajectories import FORMAT_SEGMENTS
+
+    if explicit:
+        return list(data.tasks or [])
+    if settings.get("group"):
+        return resolve_group_tasks(data, settings["group"], settings["groups"])
+    tasks = []
+    for task in select_tasks(data):
+        if scan_task(data, task).format == FORMAT_SEGMENTS and not data.resample_segments:
+            err_console.print(f"note: skipping {task}: planner segments are not per-frame actions")
+            continue
+        tasks.append(task)
+    return tasks
+
+
+@app.command()
+def precompute(
+    config: ConfigOpt = None,
+    tasks: TasksOpt = None,
+    group: Annotated[str | None, typer.Option("--group", "-g", help="Precompute a group's tasks.")] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(help="'reference', an RGB2PC checkpoint, TorchScript file or module:factory."),
+    ] = None,
+    encoder_weights: Annotated[str | None, typer.Option(help="State dict for a plugin encoder.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where the cache goes.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Parallel episodes (default: one per core).")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="'local' for a dask.distributed LocalCluster, or tcp://host:8786.")
+    ] = None,
+    batch_frames: Annotated[int | None, typer.Option(help="Frames per encoder call.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    cache_dtype: Annotated[str | None, typer.Option(help="float32 or float16.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Recompute everything selected (and a stale cache).")
+    ] = False,
+) -> None:
+    """Encode raw features through the frozen encoder into the fused [T, D] cache."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dprgb.pipeline.precompute import PrecomputeConfig
+    from dprgb.pipeline.precompute import precompute as run_precompute
+
+    settings = _settings(
+        config,
+        group,
+        tasks=tasks,
+        encoder=encoder,
+        encoder_weights=encoder_weights,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        workers=workers,
+        scheduler=scheduler,
+        batch_frames=batch_frames,
+        device=device,
+        cache_dtype=cache_dtype,
+    )
+    _check_keys(settings, config)
+    data = DataConfig.from_mapping(settings)
+    pc = PrecomputeConfig.from_mapping(settings)
+    selected = _precompute_tasks(settings, data, explicit=bool(tasks))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[episodes]} episodes"),
+        TextColumn("{task.fields[rate]:.0f} frames/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        job = bar.add_task("precompute", total=None, episodes="0/?", rate=0.0)
+        start = time.perf_counter()
+
+        def on_progress(done: int, total: int, frames: int, frames_total: int) -> None:
+            rate = frames / max(time.perf_counter() - start, 1e-9)
+            bar.update(job, completed=frames, total=frames_total, episodes=f"{done}/{total}", rate=rate)
+
+        result = run_precompute(data, pc, selected, overwrite=overwrite, on_progress=on_progress)
+    rate = result.frames / max(result.seconds, 1e-9)
+    console.print(
+        f"cache {result.cache_dir}: {len(result.computed)} episodes computed ({result.frames} frames, "
+        f"{rate:.0f} frames/s), {result.skipped} already cached; encoder {result.fingerprint[:12]}"
+    )
+
+
+@inspect_app.command("cache")
+def inspect_cache(
+    config: ConfigOpt = None,
+    tasks: TasksOpt = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder to compare the cache against.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="The cache to inspect.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Is the cache complete and fresh for the current encoder, data and options?"""
+    from dprgb.cache.manifest import read_manifest
+    from dprgb.pipeline.precompute import PrecomputeConfig, cache_status
+
+    settings = _settings(
+        config, tasks=tasks, encoder=encoder, cache_dir=str(cache_dir) if cache_dir else None
+    )
+    data = DataConfig.from_mapping(settings)
+    pc = PrecomputeConfig.from_mapping(settings)
+    manifest = read_manifest(pc.cache_dir) or {}
+    selected = list(data.tasks) if tasks else list(manifest.get("tasks", {}))
+    status = cache_status(data, pc, selected)
+    if as_json:
+        print(json.dumps(status))
+        return
+    table = Table(title=f"cache {status['cache_dir']}  D={status['dim']} {status['feature_dtype']}")
+    for column in ("task", "cached/expected", "frames", "missing", "stale"):
+        table.add_column(column)
+    for row in status["tasks"]:
+        table.add_row(
+            row["task"],
+            f"{row['cached']}/{row['expected']}",
+            str(row["frames"]),
+            str(row["missing"]),
+            str(row["stale"]),
+        )
+    console.print(table)
+    state = "[red]STALE[/red]" if status["stale"] else "[green]fresh[/green]"
+    reasons = [name for name in ("encoder_stale", "data_stale") if status[name]]
+    console.print(
+        f"{state} (cache encoder {status['cache_fingerprint'][:12]}, "
+        f"current {status['current_fingerprint'][:12]}" + (f"; {', '.join(reasons)}" if reasons else "") + ")"
+    )
+
+
+@inspect_app.command("checkpoint")
+def inspect_checkpoint(
+    path: Annotated[Path, typer.Argument(help="A final_policy.pt or a features_model RGB2PC checkpoint.")],
+    nhead: Annotated[
+        int, typer.Option(help="Attention heads of an RGB2PC context encoder (not stored).")
+    ] = 8,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a checkpoint holds: a dprgb policy's config, or an RGB2PC encoder's structure."""
+    import torch
+
+    from dprgb.pipeline.encoders import describe_rgb2pc
+
+    try:
+        keys = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # an RGB2PC checkpoint pickles its args: described by the restricted loader
+        keys = set()
+    if {"config", "policy_state", "normalizer"} <= keys:
+        from dprgb.trainer.checkpoint import load_policy
+
+        ckpt = load_policy(path)
+        summary = {
+            "kind": "policy",
+            "path": str(path),
+            "parameters": int(sum(t.numel() for t in ckpt["policy_state"].values())),
+            "normalizer": sorted(ckpt["normalizer"]),
+            "config": ckpt["config"],
+        }
+    else:
+        summary = {"kind": "rgb2pc", **describe_rgb2pc(path, nhead=nhead)}
+    if as_json:
+        print(json.dumps(summary, default=str))
+        return
+    table = Table(title=f"{summary['kind']} checkpoint {path}", show_header=False)
+    for key, value in (summary["config"] if summary["kind"] == "policy" else summary).items():
+        table.add_row(str(key), json.dumps(value, default=str) if not isinstance(value, str) else value)
+    if summary["kind"] == "policy":
+        table.add_row("parameters", f"{summary['parameters']:,}")
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------- train, eval
+
+
+def _load_fresh_group(
+    data: DataConfig, settings: dict, tasks: list[str], allow_stale: bool
+):  # -> CachedGroup
+    """The group's cache, refusing a stale or incomplete one unless told otherwise."""
+    from dprgb.cache import open_cache
+    from dprgb.pipeline.precompute import PrecomputeConfig, cache_status
+
+    pc = PrecomputeConfig.from_mapping(settings)
+    status = cache_status(data, pc, tasks)
+    missing = {row["task"]: row["missing"] for row in status["tasks"] if row["missing"]}
+    if missing:
+        raise DprgbError(f"cache lacks episodes {missing}: run `dprgb precompute`", path=pc.cache_dir)
+    if status["stale"] and not allow_stale:
+        what = [name for name in ("encoder_stale", "data_stale") if status[name]]
+        what += [f"{row['task']} episodes {row['stale']}" for row in status["tasks"] if row["stale"]]
+        raise DprgbError(
+            f"cache is stale ({'; '.join(what)}): rerun `dprgb precompute --overwrite`, "
+            "or pass --allow-stale-cache",
+            path=pc.cache_dir,
+        )
+    return open_cache(pc.cache_dir).load_group(tasks)
+
+
+@app.command()
+def train(
+    group: Annotated[str, typer.Option("--group", "-g", help="armN, or a group the config names.")],
+    config: ConfigOpt = None,
+    tasks: TasksOpt = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    amp: Annotated[bool | None, typer.Option(help="bf16 autocast (CUDA).")] = None,
+    grad_accum_steps: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    save_dir: Annotated[Path | None, typer.Option(help="Runs go to SAVE_DIR/<group>.")] = None,
+    compile: Annotated[bool | None, typer.Option(help="torch.compile the UNet.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from SAVE_DIR/<group>/checkpoints/latest.pt.")
+    ] = False,
+    allow_stale_cache: Annotated[bool, typer.Option(help="Train on a cache that no longer matches.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fit a diffusion-policy head on the group's cached features."""
+    from dprgb.pipeline.report import resolve_group_tasks
+    from dprgb.trainer.config import TrainConfig
+    from dprgb.trainer.train import train as run_train
+
+    settings = _settings(
+        config,
+        group,
+        tasks=tasks,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        amp=amp,
+        grad_accum_steps=grad_accum_steps,
+        device=device,
+        save_dir=str(save_dir) if save_dir else None,
+        compile=compile,
+    )
+    _check_keys(settings, config)
+    data = DataConfig.from_mapping(settings)
+    cfg = TrainConfig.from_mapping(settings)
+    selected = list(data.tasks) if tasks else resolve_group_tasks(data, group, settings["groups"])
+    cached = _load_fresh_group(data, settings, selected, allow_stale_cache or cfg.allow_stale_cache)
+    out_dir = Path(cfg.save_dir) / group
+    final = run_train(cfg, cached, out_dir, resume=resume, progress=progress)
+    console.print(f"{group}: {len(selected)} tasks, {len(cached.episode_ends)} episodes -> {final}")
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A final_policy.pt.")],
+    config: ConfigOpt = None,
+    tasks: TasksOpt = None,
+    plot_dir: Annotated[
+        Path | None, typer.Option(help="Where PNG plots go (default: beside the checkpoint).")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Held-out MSE of sampled actions per task, beside the mean-action baseline."""
+    from dprgb.trainer.checkpoint import load_policy
+    from dprgb.trainer.evaluate import evaluate as run_evaluate
+
+    policy_config = load_policy(checkpoint)["config"]
+    settings = _settings(config, tasks=tasks)
+    data = DataConfig.from_mapping(settings)
+    selected = list(data.tasks) if tasks else list(policy_config["tasks"])
+    cached = _load_fresh_group(data, settings, selected, allow_stale=False)
+    plots = plot_dir or checkpoint.parent / "eval"
+    report = run_evaluate(checkpoint, cached, plot_dir=plots, device=device)
+    if as_json:
+        print(json.dumps(report))
+        return
+    console.print(eval_table(report, title=f"eval {checkpoint}"))
+    console.print(f"plots: {plots}")
+
+
+def eval_table(report: dict, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("task", "held-out episodes", "windows", "MSE", "mean-action MSE", "ratio"):
+        table.add_column(column)
+    for task, row in report["tasks"].items():
+        table.add_row(
+            task,
+            str(len(row["episodes"])),
+            str(row["windows"]),
+            f"{row['mse']:.5f}",
+            f"{row['baseline_mse']:.5f}",
+            f"{row['ratio']:.3f}",
+        )
+    return table
+
+
+def _check_keys(settings: dict, config: Path | None) -> None:
+    from dprgb.pipeline.config import check_known_keys
+    from dprgb.pipeline.precompute import PrecomputeConfig
+    from dprgb.trainer.config import TrainConfig
+
+    check_known_keys(settings, DataConfig, PrecomputeConfig, TrainConfig, source=str(config or ""))
 
 
 # ------------------------------------------------------------------------------------ main

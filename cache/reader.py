@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from dprgb.cache.manifest import read_manifest
+from dprgb.cache.store import EpisodeRecord, cached_episodes, cached_tasks, read_episode
+from dprgb.pipeline.config import resolve_config
+from dprgb.pipeline.errors import DprgbError
 
 
 @dataclass
@@ -35,3 +42,70 @@ class CachedGroup:
     @property
     def episode_starts(self) -> np.ndarray:
         return np.concatenate([[0], self.episode_ends[:-1]]).astype(np.int64)
+
+
+class Cache:
+    """A fused-feature cache on disk (read-only view). `open_cache` makes one."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_manifest(self.cache_dir)
+        if manifest is None:
+            raise DprgbError("no dprgb cache here (no manifest.json): run `dprgb precompute`", path=cache_dir)
+        self.manifest = manifest
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["encoder"]["fingerprint"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def tasks(self) -> list[str]:
+        return [t for t in cached_tasks(self.cache_dir) if cached_episodes(self.cache_dir, t)]
+
+    def episode_paths(self, task: str) -> dict[int, Path]:
+        return cached_episodes(self.cache_dir, task)
+
+    def episodes(self, tasks: list[str] | None = None) -> Iterator[EpisodeRecord]:
+        """Every committed episode: records with task, episode, steps, features, actions."""
+        for task in tasks or self.tasks():
+            for path in self.episode_paths(task).values():
+                yield read_episode(path, task)
+
+    def load_group(self, tasks: list[str]) -> CachedGroup:
+        """The tasks' episodes as contiguous arrays (one read per episode, one concatenate)."""
+        records = []
+        for task in tasks:
+            if not self.episode_paths(task):
+                raise DprgbError(
+                    f"task {task!r} has no cached episodes: run `dprgb precompute`", path=self.cache_dir
+                )
+            records.extend(self.episodes([task]))
+        dims = {r.actions.shape[1] for r in records}
+        if len(dims) > 1:
+            by_task = {r.task: r.actions.shape[1] for r in records}
+            raise DprgbError(f"one group cannot mix action dims: {by_task}", path=self.cache_dir)
+        lengths = np.array([len(r.steps) for r in records], dtype=np.int64)
+        return CachedGroup(
+            tasks=list(tasks),
+            features=np.concatenate([r.features for r in records]).astype(np.float32, copy=False),
+            actions=np.concatenate([r.actions for r in records]).astype(np.float32, copy=False),
+            episode_ends=np.cumsum(lengths),
+            episode_task=np.array([tasks.index(r.task) for r in records], dtype=np.int64),
+            episode_index=np.array([r.episode for r in records], dtype=np.int64),
+            fingerprint=self.fingerprint,
+            action_layout=self.manifest["tasks"].get(tasks[0], {}).get("action_layout", {}),
+        )
+
+
+def open_cache(cache_dir_or_config: str | Path) -> Cache:
+    """`open_cache("cache/")` or `open_cache("dprgb.yaml")` (its `cache_dir`)."""
+    path = Path(cache_dir_or_config)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        settings = resolve_config(path)
+        if not settings.get("cache_dir"):
+            raise DprgbError("config has no cache_dir", path=path)
+        path = Path(settings["cache_dir"])
+    return Cache(path)

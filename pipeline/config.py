@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.naming import backbone_from_root
 

@@ -39,6 +39,7 @@ import numcodecs
 import numpy as np
 import yaml
 import zarr
+
 from dprgb.pipeline.naming import parse_task_name
 
 WINDOW = 8

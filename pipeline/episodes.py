@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from dprgb.pipeline.config import DataConfig
 from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.features import FeatureEpisode, list_feature_episodes, list_tasks, open_feature_episode

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
+
 from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.naming import episode_index, step_from_frame_path
-from zarr.storage import LocalStore
 
 WINDOWED_ARRAY = "per_frame_features"
 PLAIN_ARRAY = "features"

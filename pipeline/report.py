@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from dprgb.pipeline.config import DataConfig
 from dprgb.pipeline.episodes import TaskScan, align_steps, scan_task, select_tasks
 from dprgb.pipeline.errors import DprgbError

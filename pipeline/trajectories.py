@@ -25,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
 from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.naming import episode_index
 
