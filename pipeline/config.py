@@ -53,6 +53,8 @@ def _resolve_paths(mapping: dict, base_dir: Path) -> dict:
         if isinstance(out.get(key), str):
             out[key] = str((base_dir / out[key]).resolve())
     roots = out.get("rgb_zarr_roots")
+    if isinstance(roots, (str, dict)):
+        roots = [roots] if isinstance(roots, str) or "path" in roots else [{k: v} for k, v in roots.items()]
     if isinstance(roots, list):
         out["rgb_zarr_roots"] = [_resolve_root_entry(entry, base_dir) for entry in roots]
     encoder = out.get("encoder")
@@ -68,6 +70,9 @@ def _resolve_root_entry(entry: Any, base_dir: Path) -> Any:
         return str((base_dir / entry).resolve())
     if isinstance(entry, dict) and isinstance(entry.get("path"), str):
         return {**entry, "path": str((base_dir / entry["path"]).resolve())}
+    if isinstance(entry, dict) and len(entry) == 1:  # {backbone: path}
+        ((backbone, path),) = entry.items()
+        return {"backbone": backbone, "path": str((base_dir / str(path)).resolve())}
     return entry
 
 

@@ -232,9 +232,7 @@ def _build_reference(backbone_dims: dict[str, int] | None, options: dict) -> tup
     }
 
 
-def _build_rgb2pc(
-    path: Path, backbone_dims: dict[str, int] | None, options: dict
-) -> tuple[nn.Module, dict]:
+def _build_rgb2pc(path: Path, backbone_dims: dict[str, int] | None, options: dict) -> tuple[nn.Module, dict]:
     _check_options(options, _RGB2PC_OPTIONS, "RGB2PC")
     kwargs = {k: v for k, v in options.items() if k in _RGB2PC_OPTIONS}
     encoder = load_rgb2pc(path, **kwargs)
@@ -380,9 +378,7 @@ def load_encoder(
     elif _FACTORY_SPEC.match(spec):
         encoder, resolved = _build_factory(spec, options)
     else:
-        raise DprgbError(
-            f"encoder spec {spec!r} is not 'reference', an existing file, or 'module:factory'"
-        )
+        raise DprgbError(f"encoder spec {spec!r} is not 'reference', an existing file, or 'module:factory'")
 
     if weights is not None:
         _load_weights(encoder, weights)

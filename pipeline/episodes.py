@@ -68,11 +68,10 @@ class Alignment:
     lacking_features: np.ndarray  # trajectory frames with no features
 
 
-def align_steps(
-    feature_steps: dict[str, np.ndarray], num_targets: int, action_offset: int, *, path: Path, episode: int
-) -> Alignment:
+def align_steps(stores: dict[str, FeatureEpisode], num_targets: int, action_offset: int) -> Alignment:
     """THE alignment rule: step s pairs the frames with step id s in every backbone with
     action target[s + action_offset] (RoboTwin: frame t of the HDF5 is step_t)."""
+    feature_steps = {name: store.steps for name, store in stores.items()}
     names = list(feature_steps)
     reference = feature_steps[names[0]]
     for name in names[1:]:
@@ -84,8 +83,8 @@ def align_steps(
             )
             raise DprgbError(
                 f"step(s) {extra[:8].tolist()} present in the {holder} root but not in {other}",
-                path=path,
-                episode=episode,
+                path=stores[other].path,
+                episode=stores[other].episode,
             )
     has_action = reference + action_offset < num_targets
     frames = np.arange(num_targets, dtype=np.int64)
@@ -235,17 +234,22 @@ def _arm_motion(trajectories: list[Trajectory], arm: str) -> float:
     return total
 
 
+def target_frames(trajectory: Trajectory, stores: dict[str, FeatureEpisode]) -> int:
+    """Frames of per-frame targets; planner segments have none and are mapped onto the
+    store's frames 0 .. last step."""
+    if trajectory.num_frames is not None:
+        return trajectory.num_frames
+    return int(max(store.steps.max() for store in stores.values())) + 1
+
+
 def build_episode(
     task: str, stores: dict[str, FeatureEpisode], trajectory: Trajectory, layout: ActionLayout
 ) -> Episode:
     """Pair one episode's feature stores with its trajectory under the task's layout."""
-    feature_steps = {name: store.steps for name, store in stores.items()}
     if trajectory.format == FORMAT_SEGMENTS:  # opted in: stretch onto the store's frames
-        trajectory = trajectory.resampled(int(max(s.max() for s in feature_steps.values())) + 1)
+        trajectory = trajectory.resampled(target_frames(trajectory, stores))
     targets = layout.targets(trajectory)
-    alignment = align_steps(
-        feature_steps, len(targets), layout.offset, path=trajectory.path, episode=trajectory.episode
-    )
+    alignment = align_steps(stores, len(targets), layout.offset)
     if len(alignment.steps) == 0:
         raise DprgbError(
             "no step has both features and an action", path=trajectory.path, episode=trajectory.episode

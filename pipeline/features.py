@@ -132,13 +132,22 @@ class FeatureEpisode:
         out = np.empty((len(steps), *self.frame_shape), dtype=self.dtype)
         for chunk, rows in self.chunk_plan(steps).items():
             out_rows = [r for r, _ in rows]
-            if self.layout == "plain":
-                out[out_rows] = self.array[chunk]
-            elif len(rows) == 1:
-                out[out_rows[0]] = self.array[chunk, rows[0][1]]
-            else:
-                window = self.array[chunk]  # (Tw, Hf, Wf, C), one decode
-                out[out_rows] = window[[s for _, s in rows]]
+            try:
+                if self.layout == "plain":
+                    out[out_rows] = self.array[chunk]
+                elif len(rows) == 1:
+                    out[out_rows[0]] = self.array[chunk, rows[0][1]]
+                else:
+                    window = self.array[chunk]  # (Tw, Hf, Wf, C), one decode
+                    out[out_rows] = window[[s for _, s in rows]]
+            except Exception as err:  # codec errors carry no file name: add it
+                what = "frame" if self.layout == "plain" else "window"
+                raise DprgbError(
+                    f"cannot decode {self.backbone} {what} {chunk} (steps {steps[out_rows][:8].tolist()}): "
+                    f"{type(err).__name__}: {err}",
+                    path=self.path,
+                    episode=self.episode,
+                ) from None
         zero = ~out.reshape(len(steps), -1).any(axis=1)
         if zero.any():
             raise DprgbError(

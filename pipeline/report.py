@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dprgb.pipeline.config import DataConfig
-from dprgb.pipeline.episodes import TaskScan, align_steps, scan_task, select_tasks
+from dprgb.pipeline.episodes import TaskScan, align_steps, scan_task, select_tasks, target_frames
 from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.features import list_feature_episodes, open_feature_episode
 from dprgb.pipeline.trajectories import FORMAT_SEGMENTS
@@ -28,13 +28,9 @@ def task_action_summary(cfg: DataConfig, scan: TaskScan) -> dict[str, Any]:
     segments = scan.format == FORMAT_SEGMENTS
     for ep in scan.usable_episodes:
         stores = scan.stores[ep]
-        feature_steps = {name: store.steps for name, store in stores.items()}
-        frames.append(len(next(iter(feature_steps.values()))))
-        num_targets = scan.trajectories[ep].num_frames
-        if num_targets is None:  # segments carry no frames; resampling maps them onto the store's
-            num_targets = int(max(s.max() for s in feature_steps.values())) + 1
-        path = scan.trajectories[ep].path
-        alignment = align_steps(feature_steps, num_targets, scan.layout.offset, path=path, episode=ep)
+        frames.append(len(next(iter(stores.values())).steps))
+        num_targets = target_frames(scan.trajectories[ep], stores)
+        alignment = align_steps(stores, num_targets, scan.layout.offset)
         lacking_action += len(alignment.lacking_action)
         lacking_features += len(alignment.lacking_features)
     usable = not segments or cfg.resample_segments

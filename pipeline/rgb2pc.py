@@ -93,8 +93,7 @@ class MoEFusion(nn.Module):
         super().__init__()
         if activation not in MOE_ACTIVATIONS:
             raise DprgbError(
-                f"unknown MoE gate activation {activation!r}; use one of "
-                f"{sorted(MOE_ACTIVATIONS)}"
+                f"unknown MoE gate activation {activation!r}; use one of {sorted(MOE_ACTIVATIONS)}"
             )
         self.gate = nn.Sequential(
             nn.Linear(num_models * dim, hidden),
@@ -179,9 +178,7 @@ class RGB2PCEncoder(nn.Module):
             # The positional table belongs to the context stage: the older checkpoints
             # without a context encoder have no pos_encoder and add nothing.
             self.pos_encoder = nn.Module()
-            self.pos_encoder.register_buffer(
-                "pe", sinusoidal_table(pe_length or self.num_tokens, dim)
-            )
+            self.pos_encoder.register_buffer("pe", sinusoidal_table(pe_length or self.num_tokens, dim))
         self.proj_student = MLPHead(dim, dim)
         self._token_index: dict[tuple[int, int, int, str], Tensor] = {}
 
@@ -198,9 +195,7 @@ class RGB2PCEncoder(nn.Module):
             pe = self.pos_encoder.pe
             K = x.shape[1]
             if K > pe.shape[0]:
-                raise DprgbError(
-                    f"{K} tokens per frame but the positional table holds {pe.shape[0]}"
-                )
+                raise DprgbError(f"{K} tokens per frame but the positional table holds {pe.shape[0]}")
             x = x + pe[:K, 0]  # (K, D) broadcast over the batch
             x = self.context_encoder(x)  # (B, K, D)
         return self.proj_student(x.mean(dim=1))  # (B, D)
@@ -442,9 +437,7 @@ def load_rgb2pc(
         raise DprgbError(f"backbone order names a backbone twice: {order}", path=path)
     fuse_dim = args.get("fuse_dim")
     if fuse_dim is not None and int(fuse_dim) != shape["dim"]:
-        raise DprgbError(
-            f"args fuse_dim={fuse_dim} but the weights have D={shape['dim']}", path=path
-        )
+        raise DprgbError(f"args fuse_dim={fuse_dim} but the weights have D={shape['dim']}", path=path)
     student_pool = args.get("student_pool")
     if student_pool not in (None, "", "none", "mean"):
         raise DprgbError(
@@ -453,9 +446,7 @@ def load_rgb2pc(
         )
     student_pool = "mean" if student_pool == "mean" else None
     if student_pool == "mean" and num_tokens not in (None, 1):
-        raise DprgbError(
-            f"num_tokens={num_tokens} conflicts with student_pool='mean' (one token)", path=path
-        )
+        raise DprgbError(f"num_tokens={num_tokens} conflicts with student_pool='mean' (one token)", path=path)
     K = num_tokens if num_tokens is not None else args.get("student_tokens")
     if student_pool != "mean" and (K is None or int(K) < 1):
         raise DprgbError("args has no student_tokens; pass num_tokens", path=path)

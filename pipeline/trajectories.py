@@ -218,7 +218,7 @@ def restricted_pickle_load(path: Path, episode: int | None = None) -> object:
                 episode=episode,
             ) from None
         raise DprgbError(f"truncated or corrupt pickle ({message})", path=path, episode=episode) from None
-    except (EOFError, ValueError, TypeError, IndexError, AttributeError) as err:
+    except Exception as err:  # a damaged stream can fail in many ways (EOF, overflow, memory)
         raise DprgbError(
             f"truncated or corrupt pickle ({type(err).__name__}: {err})", path=path, episode=episode
         ) from None

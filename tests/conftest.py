@@ -1,0 +1,159 @@
+"""Shared fixtures: a tiny demo data set in the real formats, factories for hand-built stores,
+a snapshot of a folder, and two ways to run the CLI (in process and as `python -m dprgb.cli`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import h5py
+import numcodecs
+import numpy as np
+import pytest
+import zarr
+
+from dprgb.pipeline.demo_data import DemoSpec, write_demo_data
+
+TINY_SPEC = DemoSpec(episodes=3, min_frames=10, max_frames=14)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The tiny demo data set, written once. Read it only: use `demo_copy` to damage data."""
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_data(root, TINY_SPEC)
+    return root
+
+
+@pytest.fixture
+def demo_copy(demo_root, tmp_path) -> Callable[[], Path]:
+    """Factory: a private copy of the demo data set (its dprgb.yaml uses relative paths)."""
+    count = iter(range(1000))
+
+    def make() -> Path:
+        dst = tmp_path / f"demo_copy_{next(count)}"
+        shutil.copytree(demo_root, dst)
+        return dst
+
+    return make
+
+
+def snapshot_of(root: Path) -> dict[str, tuple]:
+    """Every path under root -> (kind, size, mtime_ns, sha1 of the bytes)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir():
+            out[rel] = ("dir",)
+        else:
+            stat = path.stat()
+            out[rel] = ("file", stat.st_size, stat.st_mtime_ns, hashlib.sha1(path.read_bytes()).hexdigest())
+    return out
+
+
+@pytest.fixture
+def snapshot() -> Callable[[Path], dict[str, tuple]]:
+    return snapshot_of
+
+
+def write_windowed_pack(
+    path: Path,
+    windows: np.ndarray,
+    *,
+    steps: list[list[int]] | None = None,
+    skip: Iterable[int] = (),
+    frame_paths_json: bool = True,
+    frame_paths_attr: bool = True,
+) -> Path:
+    """A windowed pack as the upstream extractor writes it (zarr format 2, Blosc zstd 3 +
+    shuffle, fill 0, one chunk per window). `windows` is (W, Tw, Hf, Wf, C); `steps[wi][ti]`
+    is the step id of each slot (default wi + ti); windows in `skip` are never written."""
+    n_windows, window_size = windows.shape[:2]
+    if steps is None:
+        steps = [[wi + ti for ti in range(window_size)] for wi in range(n_windows)]
+    frame_paths = [[f"data/task/episode0/head_camera/step_{s:04d}.png" for s in window] for window in steps]
+    group = zarr.open_group(path, mode="w", zarr_format=2)
+    if frame_paths_attr:
+        group.attrs.update({"meta": {"window_size": window_size, "stride": 1}, "frame_paths": frame_paths})
+    array = group.create_array(
+        "per_frame_features",
+        shape=windows.shape,
+        chunks=(1, *windows.shape[1:]),
+        dtype=windows.dtype,
+        compressors=numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE),
+        fill_value=0,
+    )
+    skip = set(skip)
+    for wi in range(n_windows):
+        if wi not in skip:
+            array[wi] = windows[wi]
+    if frame_paths_json:
+        (path / "frame_paths.json").write_text(json.dumps(frame_paths))
+    return path
+
+
+@pytest.fixture
+def make_pack() -> Callable[..., Path]:
+    return write_windowed_pack
+
+
+def write_hdf5(path: Path, left=None, right=None, left_gripper=None, right_gripper=None, vector=None) -> Path:
+    """A RoboTwin `joint_action` HDF5 with whichever datasets are given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        group = f.create_group("joint_action")
+        for name, value in (
+            ("left_arm", left),
+            ("right_arm", right),
+            ("left_gripper", left_gripper),
+            ("right_gripper", right_gripper),
+            ("vector", vector),
+        ):
+            if value is not None:
+                group[name] = np.asarray(value, dtype=np.float64)
+    return path
+
+
+@pytest.fixture
+def make_hdf5() -> Callable[..., Path]:
+    return write_hdf5
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """Run `dprgb.cli.main()` in this process: (exit code, stdout, stderr)."""
+    from dprgb import cli
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["dprgb", *map(str, args)])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """Run `python -m dprgb.cli ARGS` as its own process."""
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dprgb.cli", *map(str, args)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    return run
