@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from dprgb.pipeline.blosc_partial import SlotReader
 from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.naming import episode_index, step_from_frame_path
 
@@ -68,6 +69,7 @@ class FeatureEpisode:
     slot_policy: str = "causal"
     # windowed only: for each step position, its copies as (window, slot) pairs
     copies: list[list[tuple[int, int]]] = field(default_factory=list)
+    slot_reader: SlotReader | None = None  # partial Blosc decoding, where the store allows it
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:
@@ -132,14 +134,18 @@ class FeatureEpisode:
         out = np.empty((len(steps), *self.frame_shape), dtype=self.dtype)
         for chunk, rows in self.chunk_plan(steps).items():
             out_rows = [r for r, _ in rows]
+            slots = [s for _, s in rows]
             try:
                 if self.layout == "plain":
                     out[out_rows] = self.array[chunk]
-                elif len(rows) == 1:
-                    out[out_rows[0]] = self.array[chunk, rows[0][1]]
+                elif self.slot_reader is not None:  # decode only the blocks of those slots
+                    first = min(slots)
+                    out[out_rows] = self.slot_reader.read(chunk, first, max(slots))[
+                        [s - first for s in slots]
+                    ]
                 else:
                     window = self.array[chunk]  # (Tw, Hf, Wf, C), one decode
-                    out[out_rows] = window[[s for _, s in rows]]
+                    out[out_rows] = window[slots]
             except Exception as err:  # codec errors carry no file name: add it
                 what = "frame" if self.layout == "plain" else "window"
                 raise DprgbError(
@@ -239,6 +245,7 @@ def _open_windowed(
         steps=steps,
         slot_policy=slot_policy,
         copies=[copies_by_step[int(s)] for s in steps],
+        slot_reader=SlotReader(array) if SlotReader.supports(array) else None,
     )
 
 
