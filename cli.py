@@ -305,7 +305,7 @@ def inspect_cache(
         print(json.dumps(status))
         return
     table = Table(title=f"cache {status['cache_dir']}  D={status['dim']} {status['feature_dtype']}")
-    for column in ("task", "cached/expected", "frames", "missing", "stale"):
+    for column in ("task", "cached/expected", "frames", "missing", "stale", "sources gone"):
         table.add_column(column)
     for row in status["tasks"]:
         table.add_row(
@@ -314,6 +314,7 @@ def inspect_cache(
             str(row["frames"]),
             str(row["missing"]),
             str(row["stale"]),
+            str(row["orphans"]),
         )
     console.print(table)
     state = "[red]STALE[/red]" if status["stale"] else "[green]fresh[/green]"
@@ -383,6 +384,11 @@ def _load_fresh_group(
     if status["stale"] and not allow_stale:
         what = [name for name in ("encoder_stale", "data_stale") if status[name]]
         what += [f"{row['task']} episodes {row['stale']}" for row in status["tasks"] if row["stale"]]
+        what += [
+            f"{row['task']} episodes {row['orphans']} have no source data"
+            for row in status["tasks"]
+            if row["orphans"]
+        ]
         raise DprgbError(
             f"cache is stale ({'; '.join(what)}): rerun `dprgb precompute --overwrite`, "
             "or pass --allow-stale-cache",

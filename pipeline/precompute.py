@@ -90,6 +90,8 @@ class EncoderSpec:
     options_json: str  # encoder_options as sorted JSON: hashable, whatever the values
     backbone_dims: tuple  # ((backbone, C), ...) in root order
     device: str
+    autocast: bool  # bf16 autocast on CUDA: changes the features, so part of the fingerprint
+    file_stamps: tuple  # (path, size, mtime_ns) of the encoder's files: a replaced file is a new key
 
     def load(self) -> tuple[torch.nn.Module, dict]:
         encoder, fingerprint_options = load_encoder(
@@ -98,7 +100,7 @@ class EncoderSpec:
             weights=self.weights,
             options=json.loads(self.options_json),
         )
-        return encoder.to(self.device), fingerprint_options
+        return encoder.to(self.device), {**fingerprint_options, "autocast_bf16": self.autocast}
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def encode_steps(
             frames = episode.read_frames(steps[start : start + batch_frames])
             batch = {name: torch.from_numpy(x).to(device).float() for name, x in frames.items()}
             out.append(encoder(batch).float().cpu().numpy())  # (B, D)
+            del frames, batch  # hold one batch of frames at a time, not two
     return np.concatenate(out) if out else np.zeros((0, encoder.out_dim), np.float32)
 
 
@@ -173,7 +176,7 @@ def run_episode_job(
         episode,
         batch_frames=pc_fields["batch_frames"],
         device=spec.device,
-        autocast=pc_fields["autocast"],
+        autocast=spec.autocast,
     )
     attrs = {
         "task": job.task,
@@ -213,12 +216,15 @@ def encoder_spec(cfg: DataConfig, pc: PrecomputeConfig, scans: list[TaskScan]) -
     if first_episode is None:
         raise DprgbError("no episode with features to precompute")
     dims = tuple((name, int(store.frame_shape[-1])) for name, store in first_episode.items())
+    files = [Path(f) for f in (pc.encoder, pc.encoder_weights) if f is not None and Path(f).is_file()]
     return EncoderSpec(
         spec=str(pc.encoder),
         weights=pc.encoder_weights,
         options_json=json.dumps(pc.encoder_options, sort_keys=True),
         backbone_dims=dims,
         device=pc.device,
+        autocast=pc.autocast and torch.device(pc.device).type == "cuda",
+        file_stamps=tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
     )
 
 
@@ -475,7 +481,8 @@ def cache_status(cfg: DataConfig, pc: PrecomputeConfig, tasks: list[str]) -> dic
         )
     encoder_stale = manifest["encoder"]["fingerprint"] != fingerprint
     data_stale = manifest["data_fingerprint"] != options_fingerprint(data_options(cfg))
-    stale = encoder_stale or data_stale or any(r["stale"] for r in rows)
+    # An episode whose sources are gone is stale too: its data no longer exists.
+    stale = encoder_stale or data_stale or any(r["stale"] or r["orphans"] for r in rows)
     return {
         "cache_dir": str(pc.cache_dir),
         "dim": manifest["dim"],
