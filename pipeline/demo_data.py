@@ -10,10 +10,10 @@ Generative model (what makes the data learnable). For each episode e of a task:
     g(t) = 1 - sigmoid(25 (tau_t - 0.5 - 0.2 z_e[0]))
                                               gripper, 1 = open, closes at a z-dependent time
     u_t = [z_e, cos(pi tau_t), sin(pi tau_t), cos(2 pi tau_t), sin(2 pi tau_t)]
-    feature_b[t, h, w, :] = (u_t P_b) (1 + 0.2 G_b[h, w]) + 0.5 eps
+    feature_b[t, h, w, :] = (u_t P_b) (1 + 0.2 G_b[h, w]) + sigma eps
                                               backbone b's patch tokens: a fixed random
                                               projection P_b of (z, phase), a fixed spatial
-                                              gain G_b, Gaussian noise eps
+                                              gain G_b, Gaussian noise eps (sigma = DemoSpec.feature_noise)
 
 (A, B, c, s, f, p per task and arm; P_b, G_b per backbone; all seeded.) The features
 therefore encode z and the phase linearly with noise, and every action is a smooth function
@@ -75,6 +75,7 @@ class DemoSpec:
     )
     tasks: tuple[DemoTask, ...] = DEMO_TASKS
     seed: int = 0
+    feature_noise: float = 0.5  # std of the Gaussian noise on every patch token
     short_episode: bool = True  # one extra HDF5 episode of 6 frames: too short for a store
 
 
@@ -126,7 +127,7 @@ def _write_task(out: Path, spec: DemoSpec, task: DemoTask, task_number: int) -> 
                 [np.broadcast_to(z, (n_frames, LATENT_DIM)), _phase_features(tau)], axis=1
             )
             for backbone, (shape, dtype) in spec.backbones.items():
-                frames = _backbone_frames(spec.seed, backbone, shape, latent, rng)
+                frames = _backbone_frames(spec.seed, backbone, shape, latent, rng, spec.feature_noise)
                 _write_windowed_pack(
                     out / feature_root_name(backbone) / task.name / f"episode_{ep}.zarr",
                     frames.astype(dtype),
@@ -166,7 +167,12 @@ def _phase_features(tau: np.ndarray) -> np.ndarray:
 
 
 def _backbone_frames(
-    seed: int, backbone: str, shape: tuple[int, int, int], latent: np.ndarray, rng: np.random.Generator
+    seed: int,
+    backbone: str,
+    shape: tuple[int, int, int],
+    latent: np.ndarray,
+    rng: np.random.Generator,
+    noise: float,
 ) -> np.ndarray:
     """(T, Hf, Wf, C) float32 patch tokens: projection of (z, phase), spatial gain, noise."""
     hf, wf, c = shape
@@ -176,7 +182,7 @@ def _backbone_frames(
     frames = np.empty((len(latent), hf, wf, c), dtype=np.float32)
     for t in range(len(latent)):  # frame by frame: realistic shapes are ~8 MB a frame
         frames[t] = (latent[t].astype(np.float32) @ projection) * gain
-        frames[t] += 0.5 * rng.standard_normal((hf, wf, c), dtype=np.float32)
+        frames[t] += noise * rng.standard_normal((hf, wf, c), dtype=np.float32)
     return frames
 
 
