@@ -98,6 +98,36 @@ def demo_data(
     console.print(f"wrote demo data to {out}; config: {config_path}")
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, cache and runs.")] = Path(
+        "dprgb_demo"
+    ),
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """The whole pipeline on generated data: demo data, precompute, train every group, eval."""
+    from dprgb.trainer.demo import run_demo
+
+    start = time.perf_counter()
+    report = run_demo(out, progress=progress, say=console.print)
+    table = Table(title="dprgb demo: held-out episodes, sampled actions vs the mean action")
+    for column in ("group", "task", "windows", "MSE", "mean-action MSE", "ratio"):
+        table.add_column(column)
+    for group, result in report["groups"].items():
+        for task, row in result["eval"]["tasks"].items():
+            table.add_row(
+                group,
+                task,
+                str(row["windows"]),
+                f"{row['mse']:.5f}",
+                f"{row['baseline_mse']:.5f}",
+                f"{row['ratio']:.3f}",
+            )
+    console.print(table)
+    stages = ", ".join(f"{stage} {s:.0f}s" for stage, s in report["seconds"].items())
+    console.print(f"total {time.perf_counter() - start:.0f}s ({stages})")
+
+
 # --------------------------------------------------------------------------------- inspect
 
 
@@ -415,10 +445,30 @@ def train(
     ] = False,
     allow_stale_cache: Annotated[bool, typer.Option(help="Train on a cache that no longer matches.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    finetune: Annotated[
+        bool | None,
+        typer.Option(help="Stage 2: train the encoder with the head on raw features (no cache)."),
+    ] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="Finetune from this cache-trained final_policy.pt.")
+    ] = None,
+    freeze_encoder: Annotated[
+        bool | None, typer.Option(help="Finetune mode with the encoder kept frozen.")
+    ] = None,
+    encoder_lr: Annotated[float | None, typer.Option(help="The encoder's learning rate.")] = None,
+    num_workers: Annotated[
+        int | None, typer.Option(help="Processes decoding raw features (finetune).")
+    ] = None,
+    allow_encoder_mismatch: Annotated[
+        bool, typer.Option(help="Finetune from a checkpoint trained on another encoder.")
+    ] = False,
 ) -> None:
-    """Fit a diffusion-policy head on the group's cached features."""
+    """Fit a diffusion-policy head on the group's cached features; with --finetune, train the
+    encoder too, on raw features (runs go to SAVE_DIR/<group>/finetune)."""
+    from dprgb.pipeline.precompute import PrecomputeConfig
     from dprgb.pipeline.report import resolve_group_tasks
     from dprgb.trainer.config import TrainConfig
+    from dprgb.trainer.finetune import finetune as run_finetune
     from dprgb.trainer.train import train as run_train
 
     settings = _settings(
@@ -433,11 +483,25 @@ def train(
         device=device,
         save_dir=str(save_dir) if save_dir else None,
         compile=compile,
+        finetune=finetune,
+        init_checkpoint=str(init) if init else None,
+        freeze_encoder=freeze_encoder,
+        encoder_lr=encoder_lr,
+        num_workers=num_workers,
+        allow_encoder_mismatch=allow_encoder_mismatch or None,
     )
     _check_keys(settings, config)
     data = DataConfig.from_mapping(settings)
     cfg = TrainConfig.from_mapping(settings)
+    if init is not None and not cfg.finetune:
+        raise DprgbError("--init starts a finetune run: add --finetune")
     selected = list(data.tasks) if tasks else resolve_group_tasks(data, group, settings["groups"])
+    if cfg.finetune:
+        out_dir = Path(cfg.save_dir) / group / "finetune"
+        pc = PrecomputeConfig.from_mapping(settings)  # the encoder, as precompute builds it
+        final = run_finetune(cfg, data, pc, selected, out_dir, resume=resume, progress=progress)
+        console.print(f"{group}: {len(selected)} tasks, finetuned on raw features -> {final}")
+        return
     cached = _load_fresh_group(data, settings, selected, allow_stale_cache or cfg.allow_stale_cache)
     out_dir = Path(cfg.save_dir) / group
     final = run_train(cfg, cached, out_dir, resume=resume, progress=progress)

@@ -9,15 +9,19 @@ Generative model (what makes the data learnable). For each episode e of a task:
                                               joint j's drive target: smooth in t and z
     g(t) = 1 - sigmoid(25 (tau_t - 0.5 - 0.2 z_e[0]))
                                               gripper, 1 = open, closes at a z-dependent time
-    u_t = [z_e, cos(pi tau_t), sin(pi tau_t), cos(2 pi tau_t), sin(2 pi tau_t)]
+    u_t = [z_e, cos(pi tau_t), sin(pi tau_t), cos(2 pi tau_t), sin(2 pi tau_t), q(t), g(t)]
+                                              what the camera sees: the object (z), the
+                                              progress of the task, the robot's current pose
+                                              (both arms; zeros for an unused one)
     feature_b[t, h, w, :] = (u_t P_b) (1 + 0.2 G_b[h, w]) + sigma eps
                                               backbone b's patch tokens: a fixed random
-                                              projection P_b of (z, phase), a fixed spatial
-                                              gain G_b, Gaussian noise eps (sigma = DemoSpec.feature_noise)
+                                              projection P_b of u_t, a fixed spatial gain
+                                              G_b, Gaussian noise eps (sigma = feature_noise)
 
 (A, B, c, s, f, p per task and arm; P_b, G_b per backbone; all seeded.) The features
-therefore encode z and the phase linearly with noise, and every action is a smooth function
-of them: a policy can beat the mean action by a wide margin. Cross-frame backbones (vggt,
+therefore encode the pose, z and the phase linearly with noise, and the actions (the next
+drive targets) are a smooth function of them: a policy can beat the mean action by a wide
+margin. Cross-frame backbones (vggt,
 da3) get extra noise per window copy, so the 8 copies of a frame differ as in real VGGT
 stores, while per-frame ones (croco, dinov3) store identical copies.
 
@@ -86,8 +90,9 @@ def feature_root_name(backbone: str) -> str:
     return f"features_{backbone}_encoder_dict_unified_zarr"
 
 
-def write_demo_data(out: Path, spec: DemoSpec | None = None) -> Path:
-    """Write the data set under `out`; returns the path of its `dprgb.yaml`."""
+def write_demo_data(out: Path, spec: DemoSpec | None = None, extra_config: dict | None = None) -> Path:
+    """Write the data set under `out`; returns the path of its `dprgb.yaml` (data keys, plus
+    `extra_config`, e.g. the demo's training settings)."""
     spec = spec or DemoSpec()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +104,7 @@ def write_demo_data(out: Path, spec: DemoSpec | None = None) -> Path:
         "tasks": [task.name for task in spec.tasks],
         "cache_dir": "cache",
         "save_dir": "runs",
+        **(extra_config or {}),
     }
     config_path = out / "dprgb.yaml"
     config_path.write_text(
@@ -124,7 +130,7 @@ def _write_task(out: Path, spec: DemoSpec, task: DemoTask, task_number: int) -> 
         _write_trajectory(traj_dir, task, ep, tracks, n_frames, rng)
         if n_frames >= WINDOW:  # upstream writes no store for episodes shorter than a window
             latent = np.concatenate(
-                [np.broadcast_to(z, (n_frames, LATENT_DIM)), _phase_features(tau)], axis=1
+                [np.broadcast_to(z, (n_frames, LATENT_DIM)), _phase_features(tau), _pose(tracks)], axis=1
             )
             for backbone, (shape, dtype) in spec.backbones.items():
                 frames = _backbone_frames(spec.seed, backbone, shape, latent, rng, spec.feature_noise)
@@ -158,6 +164,18 @@ def _arm_track(
     joints = offset + params["s"] * np.sin(angle)
     gripper = 1.0 - 1.0 / (1.0 + np.exp(-25.0 * (tau - 0.5 - 0.2 * z[0])))
     return joints, gripper
+
+
+def _pose(tracks: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """(T, 2 (DOF + 1)) what a camera sees of the robot: both arms' joints and grippers
+    (zeros for an arm the task does not use)."""
+    n_frames = len(next(iter(tracks.values()))[0])
+    still = (np.zeros((n_frames, DOF)), np.zeros(n_frames))
+    parts = []
+    for arm in ("left", "right"):
+        joints, gripper = tracks.get(arm, still)
+        parts += [joints, gripper[:, None]]
+    return np.concatenate(parts, axis=1)
 
 
 def _phase_features(tau: np.ndarray) -> np.ndarray:
