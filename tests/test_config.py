@@ -264,3 +264,14 @@ def test_tasks_accept_a_comma_separated_string_and_slot_policy_defaults():
         rgb_zarr_roots=roots(), traj_root=Path("/t"), slot_policy={"croco": "causal", "vggt": "any"}
     )
     assert (cfg.slot_policy_for("croco"), cfg.slot_policy_for("vggt")) == ("causal", "any")
+
+
+def test_example_config_in_the_repository_is_valid():
+    from dprgb.pipeline.precompute import PrecomputeConfig
+    from dprgb.trainer.config import TrainConfig
+
+    example = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
+    settings = resolve_config(example, "arm14")
+    check_known_keys(settings, DataConfig, PrecomputeConfig, TrainConfig, source=str(example))
+    assert [root.backbone for root in DataConfig.from_mapping(settings).rgb_zarr_roots] == ["croco", "vggt"]
+    assert TrainConfig.from_mapping(settings).epochs == 300  # the group overrides the default
