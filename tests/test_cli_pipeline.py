@@ -29,7 +29,12 @@ SMALL_TRAINING = {
 def dprgb(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "dprgb.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "dprgb.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -49,7 +54,10 @@ def test_precompute_train_eval_through_the_cli(tmp_path):
     assert run.returncode == 0, run.stderr
     final = tmp_path / "runs" / "arm7" / "final_policy.pt"
     ckpt = torch.load(final, weights_only=True)
-    assert ckpt["config"]["action_dim"] == 7 and ckpt["config"]["cache_fingerprint"] == status["current_fingerprint"]
+    assert (
+        ckpt["config"]["action_dim"] == 7
+        and ckpt["config"]["cache_fingerprint"] == status["current_fingerprint"]
+    )
     assert (tmp_path / "runs" / "arm7" / "config.yaml").is_file()
 
     run = dprgb("eval", "--checkpoint", str(final), "-c", str(config), "--json", cwd=tmp_path)
