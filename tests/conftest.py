@@ -69,6 +69,7 @@ def write_windowed_pack(
     skip: Iterable[int] = (),
     frame_paths_json: bool = True,
     frame_paths_attr: bool = True,
+    compressor: numcodecs.Blosc | None = None,
 ) -> Path:
     """A windowed pack as the upstream extractor writes it (zarr format 2, Blosc zstd 3 +
     shuffle, fill 0, one chunk per window). `windows` is (W, Tw, Hf, Wf, C); `steps[wi][ti]`
@@ -85,7 +86,7 @@ def write_windowed_pack(
         shape=windows.shape,
         chunks=(1, *windows.shape[1:]),
         dtype=windows.dtype,
-        compressors=numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE),
+        compressors=compressor or numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE),
         fill_value=0,
     )
     skip = set(skip)

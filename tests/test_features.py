@@ -9,6 +9,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import pytest
 import zarr
@@ -310,3 +311,25 @@ def test_partial_blosc_decoding_equals_full_decoding(tmp_path, make_pack, dtype,
     fe.slot_reader = None
     full = fe.read(fe.steps)
     assert partial.dtype == full.dtype and np.array_equal(partial, full)
+
+
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=1 << 14),
+        numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE, blocksize=1 << 15),
+        numcodecs.Blosc(cname="zstd", clevel=0),  # stored raw ("memcpyed"): no block offsets
+    ],
+    ids=["zstd-many-blocks", "lz4-bitshuffle", "memcpyed"],
+)
+def test_partial_reads_of_multi_block_chunks_equal_full_decoding(tmp_path, make_pack, compressor):
+    # 6x5x64 fp32 = 7.5 KiB a slot, 60 KiB a window: slots straddle block boundaries
+    windows = np.random.default_rng(1).standard_normal((12, TW, 6, 5, 64)).astype(np.float32)
+    path = make_pack(tmp_path / "episode_5.zarr", windows, compressor=compressor)
+    fe = open_feature_episode("vggt", path, 5, "causal")
+    assert fe.slot_reader is not None
+    for first, last in [(0, 0), (7, 7), (2, 5), (0, 7)]:
+        np.testing.assert_array_equal(fe.slot_reader.read(3, first, last), windows[3, first : last + 1])
+    partial = fe.read(fe.steps)
+    fe.slot_reader = None
+    np.testing.assert_array_equal(partial, fe.read(fe.steps))
