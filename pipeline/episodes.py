@@ -110,12 +110,17 @@ class Episode:
     def backbones(self) -> list[str]:
         return list(self.features)
 
-    def read_features(self, backbone: str, steps: np.ndarray | None = None) -> np.ndarray:
-        """(n, Hf, Wf, C) feature maps of one backbone, chosen by its slot policy."""
-        return self.features[backbone].read(self.steps if steps is None else steps)
+    def read_features(self, backbone: str, steps: np.ndarray | None = None,
+                      out: np.ndarray | None = None) -> np.ndarray:
+        """(n, Hf, Wf, C) feature maps of one backbone, chosen by its slot policy (into `out`
+        when given)."""
+        return self.features[backbone].read(self.steps if steps is None else steps, out)
 
-    def read_frames(self, steps: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        return {name: self.read_features(name, steps) for name in self.features}
+    def read_frames(self, steps: np.ndarray | None = None,
+                    out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """{backbone: (n, Hf, Wf, C)}; `out` holds arrays to fill, per backbone."""
+        return {name: self.read_features(name, steps, None if out is None else out[name])
+                for name in self.features}
 
 
 @dataclass

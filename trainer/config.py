@@ -67,6 +67,17 @@ class TrainConfig:
     tensorboard: bool = False
     save_dir: str = "runs"
     allow_stale_cache: bool = False
+    # finetune mode (stage 2): the encoder trains with the head on raw features, no cache.
+    # The options after `finetune` apply to finetune mode only; cache mode ignores them.
+    finetune: bool = False
+    freeze_encoder: bool = False  # keep the encoder frozen (still streaming raw features)
+    encoder_lr: float = 1e-5  # the encoder's learning rate; `lr` is the head's
+    # start from a cache-trained final_policy.pt (or checkpoints/latest.pt): head, EMA, normalizer
+    init_checkpoint: str = ""
+    allow_encoder_mismatch: bool = False  # init from a checkpoint made with another encoder
+    num_workers: int = 2  # DataLoader processes decoding raw features (0: in the training process)
+    prefetch_factor: int = 2  # micro-batches each worker decodes ahead
+    block_windows: int = 8  # consecutive windows of one episode kept together by the sampler
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -89,15 +100,18 @@ class TrainConfig:
         for name in ("horizon", "n_obs_steps", "n_action_steps", "epochs", "batch_size",
                      "grad_accum_steps", "kernel_size", "n_groups", "diffusion_step_embed_dim",
                      "num_train_timesteps", "num_inference_steps", "log_every_steps",
-                     "val_every_epochs"):
+                     "val_every_epochs", "prefetch_factor", "block_windows"):
             if getattr(self, name) <= 0:
                 raise DprgbError(f"{name} must be > 0, got {name}={getattr(self, name)!r}")
         for name in ("max_steps", "lr_warmup_steps", "seed", "ema_update_after_step",
-                     "obs_encoder_dim", "val_episodes_per_task", "checkpoint_every_epochs"):
+                     "obs_encoder_dim", "val_episodes_per_task", "checkpoint_every_epochs",
+                     "num_workers"):
             if getattr(self, name) < 0:
                 raise DprgbError(f"{name} must be >= 0, got {name}={getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise DprgbError(f"lr must be a positive number, got {self.lr=}")
+        if not (self.encoder_lr >= 0 and math.isfinite(self.encoder_lr)):
+            raise DprgbError(f"encoder_lr must be a number >= 0, got {self.encoder_lr=}")
         if self.weight_decay < 0 or self.grad_clip_norm < 0:
             raise DprgbError(
                 f"weight_decay and grad_clip_norm must be >= 0, got "

@@ -12,6 +12,13 @@ Inference, as the seed guide writes it:
     policy.eval()
     action = policy.predict_action({"obs": obs})["action"]  # (B, n_action_steps, A)
 
+A policy can also hold the frame encoder (`policy.encoder`), so that it acts on raw feature
+maps: `predict_action({"features": {backbone: (B, To, Hf, Wf, C)}})` encodes each of the To
+frames (B*To, D), then goes on as for `obs`. A finetuned checkpoint holds its encoder
+(`config["encoder"]` says how to rebuild it, `policy_state` has its `encoder.*` weights); a
+cache-trained one gets the frozen encoder it was cached with through
+`from_checkpoint(path, encoder=...)` or `set_encoder`.
+
 The normalizer lives in the module as buffers (`normalizer.obs.scale`, ...), so `.to(device)`
 moves it and `policy_state` alone already restores it; `set_normalizer` writes the same
 values again (and is what a freshly built policy needs before training).
@@ -27,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dprgb.pipeline.encoders import load_encoder
 from dprgb.pipeline.errors import DprgbError
 from dprgb.trainer.checkpoint import load_policy
 from dprgb.trainer.config import TrainConfig
@@ -60,8 +68,28 @@ class _Affine(nn.Module):
         self.register_buffer("offset", torch.zeros(dim))
 
 
+def build_encoder(encoder_config: Mapping[str, Any]) -> nn.Module:
+    """The encoder skeleton a finetuned checkpoint's `config["encoder"]` describes (its weights
+    come from `policy_state`): rebuilt from the same spec and options as precompute's."""
+    spec = str(encoder_config["spec"])
+    try:
+        encoder, _ = load_encoder(spec, backbone_dims=dict(encoder_config["backbone_dims"]),
+                                  options=dict(encoder_config.get("options") or {}))
+    except DprgbError as err:
+        raise DprgbError(f"cannot rebuild the policy's encoder from {spec!r} ({err.problem}); pass "
+                         "the encoder module: from_checkpoint(path, encoder=...)",
+                         path=err.path) from None
+    return encoder
+
+
+def _encoder_is_frozen(encoder: nn.Module) -> bool:
+    return not any(p.requires_grad for p in encoder.parameters())
+
+
 class DiffusionRGBPolicy(nn.Module):
-    def __init__(self, config: Mapping[str, Any]):
+    def __init__(self, config: Mapping[str, Any], encoder: nn.Module | None = None):
+        """`encoder`: the frame encoder to hold (finetune). Without it, a config with an
+        "encoder" entry (a finetuned checkpoint's) rebuilds one; otherwise there is none."""
         super().__init__()
         for key in ("obs_dim", "action_dim"):
             value = config.get(key)
@@ -99,6 +127,56 @@ class DiffusionRGBPolicy(nn.Module):
                      clip_sample=cfg.clip_sample, prediction_type=cfg.prediction_type)
         self.noise_scheduler = DDPMScheduler(**sched)  # training: the forward process
         self.schedulers = {"ddpm": self.noise_scheduler, "ddim": DDIMScheduler(**sched)}
+        self.register_module("encoder", None)
+        if encoder is None and config.get("encoder") is not None:
+            encoder = build_encoder(config["encoder"])
+        if encoder is not None:
+            self._attach(encoder)
+
+    # ---- the frame encoder ----------------------------------------------------------------
+
+    def _attach(self, encoder: nn.Module) -> None:
+        out_dim = getattr(encoder, "out_dim", None)
+        if out_dim != self.obs_dim:
+            raise DprgbError(f"the encoder gives {out_dim}-dim vectors; the policy takes "
+                             f"obs_dim={self.obs_dim}")
+        self.encoder = encoder
+
+    def set_encoder(self, encoder: nn.Module) -> DiffusionRGBPolicy:
+        """Attach the frozen encoder whose outputs this head was trained on (a cache-trained
+        policy), so that `predict_action` accepts raw features. The caller vouches that it is
+        the encoder the cache was built with (`config["cache_fingerprint"]`)."""
+        self._attach(encoder.requires_grad_(False).eval())
+        ref = self.normalizer["obs"].scale
+        encoder.to(ref.device)
+        return self
+
+    def train(self, mode: bool = True) -> DiffusionRGBPolicy:
+        super().train(mode)
+        if self.encoder is not None and _encoder_is_frozen(self.encoder):
+            self.encoder.eval()  # a frozen encoder computes as in precompute (no dropout)
+        return self
+
+    def encode(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """{backbone: (N, Hf, Wf, C)} raw feature maps -> (N, D) observation vectors, in data
+        units (not normalized). Maps are cast to float32 as precompute does."""
+        if self.encoder is None:
+            raise DprgbError("this policy has no encoder: load it with "
+                             "DiffusionRGBPolicy.from_checkpoint(path, encoder=...) or set_encoder")
+        return self.encoder({name: x.float() for name, x in features.items()})
+
+    def observe(self, frames: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """A finetune batch -> nobs (B, To, D): every distinct frame encoded once (U, D), then
+        each window's To frames picked by `index` (B, To) rows of U, then normalized."""
+        obs = self.encode(frames)[index]  # (U, D) -> (B, To, D)
+        return self.get_normalizer().normalize("obs", obs)
+
+    def nobs_from(self, obs: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
+        """The head's input (B, To, D), normalized. A tensor is already that (cache mode:
+        gathered from the normalized cache); {"frames", "index"} is a raw finetune batch."""
+        if isinstance(obs, torch.Tensor):
+            return obs
+        return self.observe(obs["frames"], obs["index"])
 
     # ---- normalization ------------------------------------------------------------------
 
@@ -138,10 +216,11 @@ class DiffusionRGBPolicy(nn.Module):
         """nobs (B, To, D) -> (B, To * E): per-step encoder (if any), then flatten."""
         return self.obs_encoder(nobs).flatten(1)
 
-    def forward(self, nobs: torch.Tensor, naction: torch.Tensor,
+    def forward(self, obs: torch.Tensor | Mapping[str, Any], naction: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """The training loss; `forward` so that DDP and torch.compile wrap it."""
-        return self.compute_loss(nobs, naction, generator=generator)
+        """The training loss; `forward` so that DDP and torch.compile wrap it (and DDP sees the
+        encoder's gradients in finetune mode). obs: see `nobs_from`."""
+        return self.compute_loss(self.nobs_from(obs), naction, generator=generator)
 
     def compute_loss(self, nobs: torch.Tensor, naction: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -196,10 +275,15 @@ class DiffusionRGBPolicy(nn.Module):
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """{"obs": (B, To, D)} in data units -> {"action": (B, Ta, A), "action_pred": (B, H, A)}.
 
-        The executed actions start at index To - 1, the step of the latest observation.
+        Or {"features": {backbone: (B, To, Hf, Wf, C)}}, raw feature maps of the To latest
+        frames, with an encoder (`self.encoder`). The executed actions start at index To - 1,
+        the step of the latest observation.
         """
         ref = self.normalizer["obs"].scale
-        obs = torch.as_tensor(obs_dict["obs"]).to(device=ref.device, dtype=ref.dtype)
+        if "features" in obs_dict and "obs" not in obs_dict:
+            obs = self._encode_windows(obs_dict["features"])
+        else:
+            obs = torch.as_tensor(obs_dict["obs"]).to(device=ref.device, dtype=ref.dtype)
         if obs.ndim != 3 or obs.shape[1:] != (self.n_obs_steps, self.obs_dim):
             raise DprgbError(
                 f"obs must have shape (B, n_obs_steps={self.n_obs_steps}, obs_dim={self.obs_dim}),"
@@ -215,14 +299,36 @@ class DiffusionRGBPolicy(nn.Module):
         action = action_pred[:, start:start + self.n_action_steps]  # (B, Ta, A)
         return {"action": action, "action_pred": action_pred}
 
+    def _encode_windows(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """{backbone: (B, To, Hf, Wf, C)} -> (B, To, D) in data units."""
+        ref = self.normalizer["obs"].scale
+        flat, batch = {}, None
+        for name, x in features.items():
+            x = torch.as_tensor(x).to(ref.device)
+            if x.ndim != 5 or x.shape[1] != self.n_obs_steps or (batch is not None and x.shape[0] != batch):
+                raise DprgbError(f"features[{name!r}] must have shape (B, n_obs_steps="
+                                 f"{self.n_obs_steps}, Hf, Wf, C) like the others, got {tuple(x.shape)}")
+            batch = x.shape[0]
+            flat[name] = x.reshape(-1, *x.shape[2:])  # (B*To, Hf, Wf, C)
+        obs = self.encode(flat)  # (B*To, D)
+        return obs.reshape(batch, self.n_obs_steps, -1).to(ref.dtype)  # (B, To, D)
+
     # ---- checkpoints --------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path,
-                        device: str | torch.device = "cpu") -> DiffusionRGBPolicy:
-        """Rebuild from a `final_policy.pt` (loaded with weights_only=True), in eval mode."""
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", *,
+                        encoder: nn.Module | None = None) -> DiffusionRGBPolicy:
+        """Rebuild from a `final_policy.pt` (loaded with weights_only=True), in eval mode.
+
+        encoder: for a finetuned checkpoint, the module its encoder weights load into (default:
+        rebuilt from `config["encoder"]`); for a cache-trained one, the frozen encoder the cache
+        was built with, attached as is, so that `predict_action` accepts raw features.
+        """
         ckpt = load_policy(Path(path))
-        policy = cls(ckpt["config"])
+        finetuned = ckpt["config"].get("encoder") is not None
+        policy = cls(ckpt["config"], encoder=encoder if finetuned else None)
         policy.load_state_dict(ckpt["policy_state"])
         policy.set_normalizer(ckpt["normalizer"])
+        if encoder is not None and not finetuned:
+            policy.set_encoder(encoder)
         return policy.to(device).eval()

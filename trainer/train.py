@@ -1,8 +1,18 @@
-"""The training loop on a cached group: the whole group lives on the device, windows are cut
-by index, and one optimizer step reads top to bottom in `_train`.
+"""The one training loop, for both modes; one optimizer step reads top to bottom in
+`run_training`.
 
-Under `torchrun` (WORLD_SIZE > 1) it runs DDP: every rank draws the same window permutation
-and takes its shard of every batch; rank 0 alone logs, validates and writes checkpoints.
+The mode is two parameters of the loop, a window source and the observation path:
+
+- cache mode (`train`): `DeviceData`, the whole cached group on the device; a batch is cut by
+  index (`gather_windows`), and its observations are already normalized vectors;
+- finetune mode (`dprgb.trainer.finetune.finetune`): `StreamSource`, raw feature frames
+  streamed from the zarr stores by DataLoader workers; the policy encodes them
+  (`DiffusionRGBPolicy.nobs_from`), so the encoder trains with the head.
+
+A source gives each epoch's window order, this rank's micro-batches of it from any point
+(exact resume), and the validation batches. Under `torchrun` (WORLD_SIZE > 1) it runs DDP:
+every rank draws the same window order and takes its shard of every batch; rank 0 alone
+logs, validates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -13,9 +23,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +35,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from dprgb.cache.reader import CachedGroup
+from dprgb.pipeline.encoders import encoder_fingerprint
 from dprgb.pipeline.errors import DprgbError
 from dprgb.trainer import checkpoint as ckpt_io
 from dprgb.trainer.config import TrainConfig
@@ -73,6 +85,54 @@ class DeviceData:
     val_ids: torch.Tensor  # (W_val,) windows of held-out episodes
     normalizer: LinearNormalizer
     action_mean: torch.Tensor  # (A,) mean training action (the evaluation baseline)
+    n_obs_steps: int = 2
+
+    # the window-source interface of `run_training` (see StreamSource for finetune mode)
+
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        """(W_train,) this epoch's training windows: a uniform permutation."""
+        return self.train_ids[torch.randperm(len(self.train_ids), generator=generator,
+                                             device=generator.device)]
+
+    def train_batches(self, order: torch.Tensor, first: int, stop: int, batch_size: int,
+                      dinfo: DistInfo) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches `first` .. `stop` - 1 of `order`: (nobs (b, To, D), naction
+        (b, H, A)), cut from the device-resident group (one gather each)."""
+        for k in range(first, stop):
+            ids = rank_shard(order, k, batch_size, dinfo)
+            yield gather_windows(self.nfeatures, self.nactions, self.rows, ids, self.n_obs_steps)
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Held-out windows in order: (nobs, naction, action (b, H, A) in data units)."""
+        for ids in self.val_ids.split(batch_size):
+            nobs, naction = gather_windows(self.nfeatures, self.nactions, self.rows, ids,
+                                           self.n_obs_steps)
+            yield nobs, naction, self.actions[self.rows[ids]]
+
+    def close(self) -> None:
+        pass
+
+
+class WindowSource(Protocol):
+    """What `run_training` needs from a mode's data: `DeviceData` (cache), `StreamSource`
+    (finetune). Batches' `obs` go to `DiffusionRGBPolicy.nobs_from`."""
+
+    train_ids: torch.Tensor  # (W_train,) training window ids
+    val_ids: torch.Tensor  # (W_val,) held-out window ids
+
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor: ...
+
+    def train_batches(self, order: torch.Tensor, first: int, stop: int, batch_size: int,
+                      dinfo: DistInfo) -> Iterator[tuple[Any, torch.Tensor]]: ...
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]: ...
+
+    def close(self) -> None: ...
+
+
+def rank_shard(order: torch.Tensor, k: int, batch_size: int, dinfo: DistInfo) -> torch.Tensor:
+    """This rank's share of global micro-batch k: windows order[k*B:(k+1)*B], split by rank."""
+    return order[k * batch_size:(k + 1) * batch_size].tensor_split(dinfo.world_size)[dinfo.rank]
 
 
 def build_device_data(group: CachedGroup, train_mask: np.ndarray, cfg: TrainConfig,
@@ -101,6 +161,7 @@ def build_device_data(group: CachedGroup, train_mask: np.ndarray, cfg: TrainConf
         val_ids=torch.as_tensor(np.flatnonzero(~is_train)).to(device),
         normalizer=normalizer,
         action_mean=actions[train_rows].mean(0),
+        n_obs_steps=cfg.n_obs_steps,
     )
 
 
@@ -166,13 +227,21 @@ def build_schedule(cfg: TrainConfig, n_train_windows: int, world_size: int) -> t
     return batch, steps_per_epoch
 
 
-def build_optimizer(policy: torch.nn.Module, cfg: TrainConfig,
+def build_optimizer(policy: DiffusionRGBPolicy, cfg: TrainConfig,
                     device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: group 0 the head at `lr`, group 1 (finetune mode,
+    encoder not frozen) the encoder at `encoder_lr`; the LR schedule scales both alike."""
     # One fused kernel on CUDA, and on the CPU since torch 2.4 (~14x faster than the default
     # per-tensor loop for the small UNet); foreach elsewhere.
     torch_version = tuple(int(x) for x in torch.__version__.split(".")[:2])
     fused = device.type == "cuda" or (device.type == "cpu" and torch_version >= (2, 4))
-    return torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+    encoder = list(policy.encoder.parameters()) if policy.encoder is not None else []
+    in_encoder = {id(p) for p in encoder}
+    groups = [{"params": [p for p in policy.parameters() if id(p) not in in_encoder], "lr": cfg.lr}]
+    trainable_encoder = [p for p in encoder if p.requires_grad]
+    if trainable_encoder:
+        groups.append({"params": trainable_encoder, "lr": cfg.encoder_lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas,
                              weight_decay=cfg.weight_decay, fused=fused or None,
                              foreach=None if fused else True)
 
@@ -275,26 +344,25 @@ def build_progress(enabled: bool, total: int, done: int):
 
 
 @torch.no_grad()
-def validate(ema: DiffusionRGBPolicy, data: DeviceData, cfg: TrainConfig,
+def validate(ema: DiffusionRGBPolicy, source: WindowSource, cfg: TrainConfig,
              device: torch.device) -> dict[str, float]:
     """Held-out windows: denoising loss, and MSE of DDIM-sampled executed actions (EMA model)."""
     g = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # same draws every time
     start, Ta = cfg.n_obs_steps - 1, cfg.n_action_steps
+    normalizer = ema.get_normalizer()
     loss_sum = torch.zeros((), device=device)
     se = torch.zeros((), device=device)
     se_raw = torch.zeros((), device=device)
+    n, values = 0, 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-        for ids in data.val_ids.split(cfg.batch_size):
-            nobs, naction = gather_windows(data.nfeatures, data.nactions, data.rows, ids,
-                                           cfg.n_obs_steps)
-            loss_sum += ema.compute_loss(nobs, naction, generator=g) * len(ids)
+        for obs, naction, action in source.val_batches(cfg.batch_size):
+            nobs = ema.nobs_from(obs)  # (b, To, D)
+            loss_sum += ema.compute_loss(nobs, naction, generator=g) * len(naction)
             npred = ema.conditional_sample(nobs, generator=g)[:, start:start + Ta].float()
             se += (npred - naction[:, start:start + Ta]).square().sum()
-            pred = data.normalizer.unnormalize("action", npred)  # (B, Ta, A)
-            truth = data.actions[data.rows[ids, start:start + Ta]]  # (B, Ta, A)
-            se_raw += (pred - truth).square().sum()
-    n = len(data.val_ids)
-    values = n * Ta * data.actions.shape[1]
+            pred = normalizer.unnormalize("action", npred)  # (b, Ta, A)
+            se_raw += (pred - action[:, start:start + Ta]).square().sum()
+            n, values = n + len(naction), values + npred.numel()
     return {"val_loss": loss_sum.item() / n, "val_action_mse": se.item() / values,
             "val_action_mse_raw": se_raw.item() / values}
 
@@ -310,6 +378,7 @@ def gather_rank_states(g: torch.Generator, dinfo: DistInfo) -> list[torch.Tensor
 
 # options that define the window order and noise stream; epochs and max_steps may change
 RESUME_SAME = ("batch_size", "grad_accum_steps", "seed")
+RESUME_SAME_FINETUNE = ("block_windows",)  # finetune's window order also depends on this
 
 
 def _resume_key(policy_config: dict) -> dict:
@@ -317,48 +386,82 @@ def _resume_key(policy_config: dict) -> dict:
     return {k: v for k, v in policy_config.items() if k != "train_action_mean"}
 
 
+def run_record(group: Any, val_episodes: np.ndarray, action_mean: torch.Tensor,
+               cfg: TrainConfig) -> dict[str, Any]:
+    """The data part of a checkpoint's config, alike in both modes. `group`: a CachedGroup or
+    a streaming RawGroup (same episode tables)."""
+    return {
+        "tasks": list(group.tasks),
+        "action_layout": ckpt_io.plain(group.action_layout),
+        "val_episodes": [[group.tasks[int(group.episode_task[e])], int(group.episode_index[e])]
+                         for e in val_episodes],
+        "train_action_mean": action_mean.tolist(),
+        "seed": cfg.seed,
+    }
+
+
+def final_config(policy_config: dict, ema: DiffusionRGBPolicy, step: int) -> dict:
+    """`final_policy.pt`'s config. With an encoder (finetune), `cache_fingerprint` becomes the
+    fingerprint of the EMA encoder saved with it: the features this head consumes. It equals
+    the original encoder's when the encoder stayed frozen, so `dprgb eval` on that cache works,
+    and differs (eval refuses that cache) when the encoder was trained."""
+    config = {**policy_config, "step": step}
+    if ema.encoder is not None and policy_config.get("encoder"):
+        options = policy_config["encoder"]["fingerprint_options"]
+        config["cache_fingerprint"] = encoder_fingerprint(ema.encoder, options)
+    return config
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints" / "latest.pt"
+
+
+def check_resume(out_dir: Path, resume: bool) -> None:
+    if resume and not checkpoint_path(out_dir).is_file():
+        raise DprgbError("resume asked for, but there is no checkpoint to resume from",
+                         path=checkpoint_path(out_dir))
+
+
 # ---- the loop -------------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, *, resume: bool = False,
           progress: bool = True) -> Path:
-    """Train on `group`; returns the path of `out_dir/final_policy.pt`."""
+    """Cache mode: train on `group`; returns the path of `out_dir/final_policy.pt`."""
     out_dir = Path(out_dir)
+    check_resume(out_dir, resume)
     dinfo = build_distributed(cfg)
     try:
-        return _train(cfg, group, out_dir, dinfo, resume=resume, progress=progress)
+        device = build_device(cfg, dinfo)
+        torch.manual_seed(cfg.seed)  # model init, identical on every rank
+        train_mask, val_episodes = split_episodes(group, cfg.val_episodes_per_task)
+        data = build_device_data(group, train_mask, cfg, device)
+        policy_config = {
+            **build_policy_config(cfg, group.obs_dim, group.action_dim),
+            **run_record(group, val_episodes, data.action_mean, cfg),
+            "cache_fingerprint": group.fingerprint,
+        }
+        policy = DiffusionRGBPolicy(policy_config).to(device)
+        policy.set_normalizer(data.normalizer.state_dict())
+        return run_training(cfg, data, policy, policy_config, out_dir, dinfo, device,
+                            resume=resume, progress=progress)
     finally:
         if dinfo.initialized_here:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, dinfo: DistInfo, *,
-           resume: bool, progress: bool) -> Path:
-    device = build_device(cfg, dinfo)
-    ckpt_path, final_path = out_dir / "checkpoints" / "latest.pt", out_dir / "final_policy.pt"
-    if resume and not ckpt_path.is_file():
-        raise DprgbError("resume asked for, but there is no checkpoint to resume from",
-                         path=ckpt_path)
-    torch.manual_seed(cfg.seed)  # model init, identical on every rank
-
-    train_mask, val_episodes = split_episodes(group, cfg.val_episodes_per_task)
-    data = build_device_data(group, train_mask, cfg, device)
-    batch_size, steps_per_epoch = build_schedule(cfg, len(data.train_ids), dinfo.world_size)
+def run_training(cfg: TrainConfig, source: WindowSource, policy: DiffusionRGBPolicy,
+                 policy_config: dict, out_dir: Path, dinfo: DistInfo, device: torch.device, *,
+                 resume: bool, progress: bool, ema_state: dict | None = None) -> Path:
+    """The loop, for either mode. `policy` is built (normalizer set, initial weights loaded);
+    `ema_state` starts the EMA elsewhere than at `policy` (finetune --init). Closes `source`."""
+    ckpt_path, final_path = checkpoint_path(out_dir), out_dir / "final_policy.pt"
+    batch_size, steps_per_epoch = build_schedule(cfg, len(source.train_ids), dinfo.world_size)
+    micro_per_epoch = steps_per_epoch * cfg.grad_accum_steps
     total_steps = cfg.epochs * steps_per_epoch  # the LR schedule's length
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    policy_config = {
-        **build_policy_config(cfg, group.obs_dim, group.action_dim),
-        "tasks": list(group.tasks),
-        "cache_fingerprint": group.fingerprint,
-        "action_layout": ckpt_io.plain(group.action_layout),
-        "val_episodes": [[group.tasks[int(group.episode_task[e])], int(group.episode_index[e])]
-                         for e in val_episodes],
-        "train_action_mean": data.action_mean.tolist(),
-        "seed": cfg.seed,
-    }
-    policy = DiffusionRGBPolicy(policy_config).to(device)
-    policy.set_normalizer(data.normalizer.state_dict())
+    policy.train()  # a frozen encoder stays in eval mode (see DiffusionRGBPolicy.train)
     optimizer = build_optimizer(policy, cfg, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_warmup_steps, total_steps)
     # Two streams: the window order (same on every rank) and the diffusion noise (per rank).
@@ -366,13 +469,13 @@ def _train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, dinfo: DistInfo,
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * (dinfo.rank + 1))
     epoch_start_gen = torch.Generator(device=device)  # holds the current epoch's start state
     step, epoch, epoch_step = 0, 0, 0
-    ema_state = None
     if resume:
         state = ckpt_io.load_train_state(ckpt_path)
         if _resume_key(state["policy_config"]) != _resume_key(ckpt_io.plain(policy_config)):
             raise DprgbError("the checkpoint was trained with another model or data setup; "
                              "start a new run or restore the old settings", path=ckpt_path)
-        changed = [k for k in RESUME_SAME if state["config"].get(k) != cfg.to_dict()[k]]
+        same = RESUME_SAME + (RESUME_SAME_FINETUNE if cfg.finetune else ())
+        changed = [k for k in same if state["config"].get(k) != cfg.to_dict()[k]]
         if changed:
             raise DprgbError("resuming continues the same run: keep " + ", ".join(
                 f"{k}={state['config'].get(k)!r} (now {getattr(cfg, k)!r})" for k in changed),
@@ -399,8 +502,12 @@ def _train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, dinfo: DistInfo,
     model = policy
     if dinfo.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        # broadcast_buffers=False: the only buffers are the constant normalizer
-        model = DistributedDataParallel(policy, device_ids=device_ids, broadcast_buffers=False)
+        # broadcast_buffers=False: the only buffers are the constant normalizer (and the
+        # encoder's constants). A trainable encoder may hold parameters its forward never
+        # uses (an RGB2PC MoE gate's noise scale): DDP must then look for unused ones.
+        trains_encoder = len(optimizer.param_groups) > 1
+        model = DistributedDataParallel(policy, device_ids=device_ids, broadcast_buffers=False,
+                                        find_unused_parameters=trains_encoder)
 
     if dinfo.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -425,31 +532,30 @@ def _train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, dinfo: DistInfo,
             step=step, epoch=next_epoch, epoch_step=next_epoch_step, rng=rng,
         )
         if final:
-            ckpt_io.save_policy(final_path, config={**policy_config, "step": step},
+            ckpt_io.save_policy(final_path, config=final_config(policy_config, ema, step),
                                 policy_state=ema.state_dict(),
                                 normalizer=policy.normalizer_state())
 
-    with bar, contextlib.closing(logger):
+    with bar, contextlib.closing(logger), contextlib.closing(source):
         while step < stop_step:
             if epoch_step == 0:
                 epoch_start_gen.set_state(shuffle_gen.get_state())
-            else:  # resumed mid-epoch: redraw this epoch's permutation from its start state
+            else:  # resumed mid-epoch: redraw this epoch's order from its start state
                 shuffle_gen.set_state(epoch_start_gen.get_state())
-            perm = data.train_ids[torch.randperm(len(data.train_ids), generator=shuffle_gen,
-                                                 device=device)]  # (W_train,)
+            order = source.epoch_order(shuffle_gen)  # (W_train,) window ids
+            batches = source.train_batches(order, epoch_step * cfg.grad_accum_steps,
+                                           micro_per_epoch, batch_size, dinfo)
             while epoch_step < steps_per_epoch and step < stop_step:
-                lr = lr_scheduler.get_last_lr()[0]
+                lrs = lr_scheduler.get_last_lr()  # [head, encoder (finetune)]
                 for micro in range(cfg.grad_accum_steps):
-                    first = (epoch_step * cfg.grad_accum_steps + micro) * batch_size
-                    # this rank's shard of the global micro-batch
-                    ids = perm[first:first + batch_size].tensor_split(dinfo.world_size)[dinfo.rank]
-                    nobs, naction = gather_windows(data.nfeatures, data.nactions, data.rows, ids,
-                                                   cfg.n_obs_steps)  # (b, To, D), (b, H, A)
+                    # this rank's shard of the global micro-batch: obs is (b, To, D) normalized
+                    # vectors (cache) or raw frames the policy encodes (finetune); (b, H, A)
+                    obs, naction = next(batches)
                     is_last_micro = micro == cfg.grad_accum_steps - 1
                     sync = contextlib.nullcontext() if is_last_micro or dinfo.world_size == 1 \
                         else model.no_sync()  # DDP all-reduces on the last micro-batch only
                     with sync, autocast:
-                        loss = model(nobs, naction, generator=noise_gen) / cfg.grad_accum_steps
+                        loss = model(obs, naction, generator=noise_gen) / cfg.grad_accum_steps
                     loss.backward()
                     running_loss += loss.detach()
                 if cfg.grad_clip_norm > 0:
@@ -464,7 +570,7 @@ def _train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, dinfo: DistInfo,
                 is_last_step = step == stop_step
                 is_epoch_end = epoch_step == steps_per_epoch
                 is_log_step = step % cfg.log_every_steps == 0 or is_last_step
-                is_eval_step = len(data.val_ids) > 0 and (is_last_step or (
+                is_eval_step = len(source.val_ids) > 0 and (is_last_step or (
                     is_epoch_end and (epoch + 1) % cfg.val_every_epochs == 0))
                 is_ckpt_step = is_last_step or (is_epoch_end and cfg.checkpoint_every_epochs > 0
                                                 and (epoch + 1) % cfg.checkpoint_every_epochs == 0)
@@ -473,13 +579,16 @@ def _train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, dinfo: DistInfo,
                     sps = (step - last_log_step) / (now - last_log_time)
                     mean_loss = running_loss.item() / (step - last_log_step)  # the one host sync
                     running_loss.zero_()
-                    logger.log({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                                "steps_per_s": sps})
-                    bar.update(bar_task, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
+                    record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lrs[0],
+                              "steps_per_s": sps}
+                    if len(lrs) > 1:
+                        record["encoder_lr"] = lrs[1]
+                    logger.log(record)
+                    bar.update(bar_task, loss=f"{mean_loss:.4f}", lr=f"{lrs[0]:.2e}", sps=f"{sps:.1f}")
                     last_log_step, last_log_time = step, now
                 paused_at = time.perf_counter()  # eval and checkpoints don't count as steps/s
                 if is_eval_step and dinfo.is_main:
-                    logger.log({"step": step, "epoch": epoch, **validate(ema, data, cfg, device)})
+                    logger.log({"step": step, "epoch": epoch, **validate(ema, source, cfg, device)})
                 if is_ckpt_step:
                     # where a resumed run continues: the next epoch, or the rest of this one
                     save_checkpoint(*((epoch + 1, 0) if is_epoch_end else (epoch, epoch_step)),
