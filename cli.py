@@ -527,7 +527,14 @@ def evaluate(
     settings = _settings(config, tasks=tasks)
     data = DataConfig.from_mapping(settings)
     selected = list(data.tasks) if tasks else list(policy_config["tasks"])
-    cached = _load_fresh_group(data, settings, selected, allow_stale=False)
+    if policy_config.get("encoder", {}).get("trainable"):
+        # A finetuned encoder is in no cache: encode the raw features with it, in memory.
+        from dprgb.trainer.finetune import encode_group
+        from dprgb.trainer.policy import DiffusionRGBPolicy
+
+        cached = encode_group(DiffusionRGBPolicy.from_checkpoint(checkpoint, device=device), data, selected)
+    else:
+        cached = _load_fresh_group(data, settings, selected, allow_stale=False)
     plots = plot_dir or checkpoint.parent / "eval"
     report = run_evaluate(checkpoint, cached, plot_dir=plots, device=device)
     if as_json:

@@ -22,6 +22,18 @@ from dprgb.pipeline.demo_data import DemoSpec, write_demo_data
 TINY_SPEC = DemoSpec(episodes=3, min_frames=10, max_frames=14)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine every
+    parallel region waits for a descheduled thread (measured 10x slower with 2 threads)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """The tiny demo data set, written once. Read it only: use `demo_copy` to damage data."""

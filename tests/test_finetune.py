@@ -38,17 +38,19 @@ from dprgb.trainer.windows import window_episodes, window_rows
 REPO = Path(__file__).resolve().parents[1]
 # the 14-dim group: an HDF5 task and a per-step pickle task, two arms with grippers each
 TASKS = [DEMO_TASKS[0].name, DEMO_TASKS[1].name]
-TINY = dict(down_dims=[16, 32], diffusion_step_embed_dim=16, horizon=8, n_obs_steps=2,
-            n_action_steps=4, batch_size=16, lr_warmup_steps=5, prediction_type="sample",
-            log_every_steps=5, val_every_epochs=1000, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TINY = dict(
+    down_dims=[16, 32],
+    diffusion_step_embed_dim=16,
+    horizon=8,
+    n_obs_steps=2,
+    n_action_steps=4,
+    batch_size=16,
+    lr_warmup_steps=5,
+    prediction_type="sample",
+    log_every_steps=5,
+    val_every_epochs=1000,
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +70,28 @@ def stage1(tmp_path_factory) -> dict:
     cfg = TrainConfig.from_mapping({**settings, "epochs": 30, "lr": 3e-3, "val_every_epochs": 30})
     policy_path = train(cfg, group, root / "runs" / "stage1", progress=False)
     torch.set_num_threads(threads)
-    return {"root": root, "yaml": tiny_yaml, "settings": settings, "data": data, "pc": pc,
-            "group": group, "policy": policy_path}
+    return {
+        "root": root,
+        "yaml": tiny_yaml,
+        "settings": settings,
+        "data": data,
+        "pc": pc,
+        "group": group,
+        "policy": policy_path,
+    }
 
 
 def finetune_config(stage1: dict, **overrides) -> TrainConfig:
-    return TrainConfig.from_mapping({**stage1["settings"], "finetune": True, "num_workers": 0,
-                                     **overrides})
+    return TrainConfig.from_mapping({**stage1["settings"], "finetune": True, "num_workers": 0, **overrides})
 
 
 def reference_encoder(stage1: dict, **options) -> torch.nn.Module:
-    dims = {name: shape[-1] for name, shape in
-            raw_group(stage1["data"], [scan_task(stage1["data"], TASKS[0])]).frame_shapes.items()}
+    dims = {
+        name: shape[-1]
+        for name, shape in raw_group(
+            stage1["data"], [scan_task(stage1["data"], TASKS[0])]
+        ).frame_shapes.items()
+    }
     return load_encoder("reference", backbone_dims=dims, options=options)[0]
 
 
@@ -99,8 +111,10 @@ def test_frozen_stream_gives_the_cached_vectors(stage1):
 
     cfg = finetune_config(stage1, freeze_encoder=True, num_workers=2, batch_size=8)
     train_mask, _ = split_episodes(raw, cfg.val_episodes_per_task)
-    policy = DiffusionRGBPolicy({"obs_dim": group.obs_dim, "action_dim": group.action_dim, **TINY},
-                                encoder=reference_encoder(stage1).requires_grad_(False))
+    policy = DiffusionRGBPolicy(
+        {"obs_dim": group.obs_dim, "action_dim": group.action_dim, **TINY},
+        encoder=reference_encoder(stage1).requires_grad_(False),
+    )
     source = StreamSource(raw, train_mask, cfg, policy.get_normalizer(), torch.device("cpu"))
     rows = window_rows(group.episode_ends, cfg.horizon, cfg.n_obs_steps - 1, cfg.n_action_steps - 1)
     try:
@@ -109,19 +123,19 @@ def test_frozen_stream_gives_the_cached_vectors(stage1):
         batches = list(source.train_batches(order, 0, n_micro, cfg.batch_size, DistInfo()))
         assert len(batches) == n_micro
         for k, (obs, _) in enumerate(batches):
-            ids = order[k * cfg.batch_size:(k + 1) * cfg.batch_size].numpy()
+            ids = order[k * cfg.batch_size : (k + 1) * cfg.batch_size].numpy()
             with torch.no_grad():
                 vectors = policy.encode(obs["frames"])[obs["index"]]  # (b, To, D)
-            cached = torch.from_numpy(group.features[rows[ids, :cfg.n_obs_steps]])
+            cached = torch.from_numpy(group.features[rows[ids, : cfg.n_obs_steps]])
             assert (vectors - cached).abs().max().item() <= 1e-5
             # distinct frames only: consecutive windows share To - 1 of them
             assert len(obs["frames"]["croco"]) < cfg.batch_size * cfg.n_obs_steps
         for obs, _, action in source.val_batches(cfg.batch_size):  # the first batch
-            ids = source.val_ids[:len(action)].numpy()
+            ids = source.val_ids[: len(action)].numpy()
             torch.testing.assert_close(action, torch.from_numpy(group.actions[rows[ids]]))
             with torch.no_grad():
                 vectors = policy.encode(obs["frames"])[obs["index"]]
-            cached = torch.from_numpy(group.features[rows[ids, :cfg.n_obs_steps]])
+            cached = torch.from_numpy(group.features[rows[ids, : cfg.n_obs_steps]])
             assert (vectors - cached).abs().max().item() <= 1e-5
             break
     finally:
@@ -145,8 +159,22 @@ def test_blocked_order_covers_every_window_once_in_blocks():
 
 def test_stage2_from_stage1_trains_the_encoder_and_predicts_from_raw_features(stage1, run_main):
     code, out, err = run_main(
-        "train", "-c", stage1["yaml"], "--group", "arm14", "--finetune", "--init", stage1["policy"],
-        "--epochs", "15", "--lr", "1e-3", "--encoder-lr", "1e-3", "--num-workers", "1",
+        "train",
+        "-c",
+        stage1["yaml"],
+        "--group",
+        "arm14",
+        "--finetune",
+        "--init",
+        stage1["policy"],
+        "--epochs",
+        "15",
+        "--lr",
+        "1e-3",
+        "--encoder-lr",
+        "1e-3",
+        "--num-workers",
+        "1",
         "--no-progress",
     )
     assert code == 0, err
@@ -195,11 +223,16 @@ def test_stage2_from_stage1_trains_the_encoder_and_predicts_from_raw_features(st
     assert set(report["tasks"]) == set(TASKS)
     with pytest.raises(DprgbError, match="trained on cache"):
         evaluate(run / "final_policy.pt", stage1["group"])
+    code, out, err = run_main(
+        "eval", "--checkpoint", str(run / "final_policy.pt"), "-c", stage1["yaml"], "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["tasks"].keys() == report["tasks"].keys()  # the CLI encodes raw features too
 
     # a cache-trained policy given its frozen encoder acts on raw features as on the cache
     cached_policy = DiffusionRGBPolicy.from_checkpoint(stage1["policy"], encoder=reference_encoder(stage1))
     start = int(stage1["group"].episode_starts[0])
-    cached_obs = torch.from_numpy(stage1["group"].features[start + 3:start + 5])[None]
+    cached_obs = torch.from_numpy(stage1["group"].features[start + 3 : start + 5])[None]
     a = cached_policy.predict_action({"features": features}, generator=torch.Generator().manual_seed(0))
     b = cached_policy.predict_action({"obs": cached_obs}, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a["action"], b["action"], atol=1e-4, rtol=0)
@@ -216,8 +249,9 @@ def test_frozen_encoder_stays_the_cached_one(stage1, tmp_path):
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["config"]["cache_fingerprint"] == stage1["group"].fingerprint
     assert ckpt["config"]["encoder"]["trainable"] is False
-    torch.testing.assert_close(ckpt["policy_state"]["encoder.proj.weight"],
-                               reference_encoder(stage1).proj.weight)
+    torch.testing.assert_close(
+        ckpt["policy_state"]["encoder.proj.weight"], reference_encoder(stage1).proj.weight
+    )
     stage1_norm = torch.load(stage1["policy"], weights_only=True)["normalizer"]
     for key, value in stage1_norm.items():
         torch.testing.assert_close(ckpt["normalizer"][key], value, atol=1e-5, rtol=1e-5, msg=key)
@@ -231,29 +265,58 @@ def test_init_refuses_another_encoder_unless_told(stage1, tmp_path):
     with pytest.raises(DprgbError, match="encoder to finetune"):
         finetune(cfg, data, other, TASKS, tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
-    allowed = finetune_config(stage1, init_checkpoint=str(stage1["policy"]), max_steps=1,
-                              allow_encoder_mismatch=True)
+    allowed = finetune_config(
+        stage1, init_checkpoint=str(stage1["policy"]), max_steps=1, allow_encoder_mismatch=True
+    )
     assert finetune(allowed, data, other, TASKS, tmp_path / "allowed", progress=False).is_file()
     with pytest.raises(DprgbError, match=r"down_dims=\[16, 32\] \(now \[16, 64\]\)"):
-        finetune(finetune_config(stage1, init_checkpoint=str(stage1["policy"]), down_dims=[16, 64]),
-                 data, stage1["pc"], TASKS, tmp_path / "other_head", progress=False)
+        finetune(
+            finetune_config(stage1, init_checkpoint=str(stage1["policy"]), down_dims=[16, 64]),
+            data,
+            stage1["pc"],
+            TASKS,
+            tmp_path / "other_head",
+            progress=False,
+        )
 
 
 def test_resume_is_exact_and_independent_of_workers(stage1, tmp_path):
     """N steps straight with no worker == N/2 steps (mid-epoch) then resume, with 2 workers."""
     data, pc = stage1["data"], stage1["pc"]
     # 4 training episodes of 11-15 steps, ~45 windows; batch 8 with 2 micro-batches per step
-    cfg = finetune_config(stage1, epochs=3, batch_size=8, grad_accum_steps=2, lr=1e-3,
-                          encoder_lr=1e-3, checkpoint_every_epochs=1, val_every_epochs=2)
+    cfg = finetune_config(
+        stage1,
+        epochs=3,
+        batch_size=8,
+        grad_accum_steps=2,
+        lr=1e-3,
+        encoder_lr=1e-3,
+        checkpoint_every_epochs=1,
+        val_every_epochs=2,
+    )
     straight = finetune(cfg, data, pc, TASKS, tmp_path / "straight", progress=False)
     with_workers = {**cfg.to_dict(), "num_workers": 2}
     split = TrainConfig.from_mapping({**with_workers, "max_steps": 5})
     finetune(split, data, pc, TASKS, tmp_path / "split", progress=False)
     with pytest.raises(DprgbError, match="block_windows=8"):
-        finetune(TrainConfig.from_mapping({**with_workers, "block_windows": 4}), data, pc, TASKS,
-                 tmp_path / "split", resume=True, progress=False)
-    finetune(TrainConfig.from_mapping(with_workers), data, pc, TASKS, tmp_path / "split",
-             resume=True, progress=False)
+        finetune(
+            TrainConfig.from_mapping({**with_workers, "block_windows": 4}),
+            data,
+            pc,
+            TASKS,
+            tmp_path / "split",
+            resume=True,
+            progress=False,
+        )
+    finetune(
+        TrainConfig.from_mapping(with_workers),
+        data,
+        pc,
+        TASKS,
+        tmp_path / "split",
+        resume=True,
+        progress=False,
+    )
     a = torch.load(tmp_path / "straight/checkpoints/latest.pt", weights_only=True)
     b = torch.load(tmp_path / "split/checkpoints/latest.pt", weights_only=True)
     assert a["step"] == b["step"] > 5
@@ -273,11 +336,24 @@ def test_a_worker_error_is_the_one_line_error_of_the_store(stage1, tmp_path):
     store = root / "features_croco_encoder_dict_unified_zarr" / TASKS[0] / "episode_0.zarr"
     (store / "per_frame_features" / "0.0.0.0.0").unlink()  # steps 0-7 of a training episode
     settings = resolve_config(root / "tiny.yaml")
-    cfg = TrainConfig.from_mapping({**settings, "finetune": True, "num_workers": 1, "epochs": 1,
-                                    "init_checkpoint": str(stage1["policy"])})
+    cfg = TrainConfig.from_mapping(
+        {
+            **settings,
+            "finetune": True,
+            "num_workers": 1,
+            "epochs": 1,
+            "init_checkpoint": str(stage1["policy"]),
+        }
+    )
     with pytest.raises(DprgbError, match="croco features are all zero at step") as info:
-        finetune(cfg, DataConfig.from_mapping(settings), PrecomputeConfig.from_mapping(settings),
-                 TASKS, tmp_path / "run", progress=False)
+        finetune(
+            cfg,
+            DataConfig.from_mapping(settings),
+            PrecomputeConfig.from_mapping(settings),
+            TASKS,
+            tmp_path / "run",
+            progress=False,
+        )
     assert str(store) in str(info.value) and "\n" not in str(info.value)
 
 
@@ -302,9 +378,23 @@ def test_torchrun_two_processes_on_cpu(stage1, tmp_path):
     (tmp_path / "ddp_finetune.py").write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "ddp_finetune.py"), str(stage1["yaml"]), str(tmp_path / "run"), *TASKS],
-        capture_output=True, text=True, timeout=180, env=env, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "ddp_finetune.py"),
+            str(stage1["yaml"]),
+            str(tmp_path / "run"),
+            *TASKS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)

@@ -15,15 +15,6 @@ CONFIG = {"obs_dim": D, "action_dim": A, "horizon": 8, "n_obs_steps": 3, "n_acti
           "down_dims": [16, 32], "diffusion_step_embed_dim": 16, "num_inference_steps": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine every
-    parallel region waits for a descheduled thread (measured 10x slower with 2 threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_normalizer(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

@@ -24,15 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("DPRGB_TEST_DEVICE", "cpu")  # "cuda" to run these on a GPU
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine every
-    parallel region waits for a descheduled thread (measured 10x slower with 2 threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_group(n_tasks=2, n_episodes=4, steps=40, obs_dim=16, action_dim=7, seed=0) -> CachedGroup:
     """Actions are a smooth function of a hidden per-episode state (amplitude, phase) that the
