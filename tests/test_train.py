@@ -71,6 +71,8 @@ def test_learns_better_than_the_mean_action(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_action_mse" in r]
     assert [r["step"] for r in val] == [150, 300]
+    per_task = [val[-1][f"val_action_mse_raw/task_{i}"] for i in range(2)]  # validation per task
+    assert min(per_task) <= val[-1]["val_action_mse_raw"] <= max(per_task)
     train_losses = [r["loss"] for r in records if "loss" in r]
     assert train_losses[-1] < 0.2 * train_losses[0]
 

@@ -272,6 +272,7 @@ class StreamSource:
             )
         self.train_ids = torch.from_numpy(np.flatnonzero(is_train))
         self.val_ids = torch.from_numpy(np.flatnonzero(~is_train))
+        self.val_tasks = [group.tasks[int(t)] for t in group.episode_task[w_episode[~is_train]]]
         self.block_first, self.block_length = training_blocks(
             self.train_ids.numpy(), w_episode, cfg.block_windows)
         self.normalizer = normalizer  # fixed while the encoder trains (see finetune.py)

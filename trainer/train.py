@@ -83,6 +83,7 @@ class DeviceData:
     rows: torch.Tensor  # (W, H) int64 rows of every window, see windows.py
     train_ids: torch.Tensor  # (W_train,) windows of training episodes
     val_ids: torch.Tensor  # (W_val,) windows of held-out episodes
+    val_tasks: list[str]  # (W_val,) task name of each held-out window, for per-task metrics
     normalizer: LinearNormalizer
     action_mean: torch.Tensor  # (A,) mean training action (the evaluation baseline)
     n_obs_steps: int = 2
@@ -119,6 +120,7 @@ class WindowSource(Protocol):
 
     train_ids: torch.Tensor  # (W_train,) training window ids
     val_ids: torch.Tensor  # (W_val,) held-out window ids
+    val_tasks: list[str]  # (W_val,) task name of each held-out window
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor: ...
 
@@ -128,6 +130,12 @@ class WindowSource(Protocol):
     def val_batches(self, batch_size: int) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]: ...
 
     def close(self) -> None: ...
+
+
+def window_tasks(group: CachedGroup, selected: np.ndarray, pads: tuple[int, int, int]) -> list[str]:
+    """Task name of each selected window (selected: (W,) bool over all windows)."""
+    task_ids = group.episode_task[window_episodes(group.episode_ends, *pads)][selected]
+    return [group.tasks[int(t)] for t in task_ids]
 
 
 def rank_shard(order: torch.Tensor, k: int, batch_size: int, dinfo: DistInfo) -> torch.Tensor:
@@ -159,6 +167,7 @@ def build_device_data(group: CachedGroup, train_mask: np.ndarray, cfg: TrainConf
         rows=rows,
         train_ids=torch.as_tensor(np.flatnonzero(is_train)).to(device),
         val_ids=torch.as_tensor(np.flatnonzero(~is_train)).to(device),
+        val_tasks=window_tasks(group, ~is_train, pads),
         normalizer=normalizer,
         action_mean=actions[train_rows].mean(0),
         n_obs_steps=cfg.n_obs_steps,
@@ -346,25 +355,28 @@ def build_progress(enabled: bool, total: int, done: int):
 @torch.no_grad()
 def validate(ema: DiffusionRGBPolicy, source: WindowSource, cfg: TrainConfig,
              device: torch.device) -> dict[str, float]:
-    """Held-out windows: denoising loss, and MSE of DDIM-sampled executed actions (EMA model)."""
+    """Held-out windows: denoising loss, and MSE of DDIM-sampled executed actions (EMA model),
+    normalised and in data units, overall and per task (`val_action_mse_raw/<task>`)."""
     g = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # same draws every time
     start, Ta = cfg.n_obs_steps - 1, cfg.n_action_steps
     normalizer = ema.get_normalizer()
     loss_sum = torch.zeros((), device=device)
-    se = torch.zeros((), device=device)
-    se_raw = torch.zeros((), device=device)
-    n, values = 0, 0
+    se, se_raw = [], []  # per window, (b,) each
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
         for obs, naction, action in source.val_batches(cfg.batch_size):
             nobs = ema.nobs_from(obs)  # (b, To, D)
             loss_sum += ema.compute_loss(nobs, naction, generator=g) * len(naction)
             npred = ema.conditional_sample(nobs, generator=g)[:, start:start + Ta].float()
-            se += (npred - naction[:, start:start + Ta]).square().sum()
+            se.append((npred - naction[:, start:start + Ta]).square().mean((1, 2)))
             pred = normalizer.unnormalize("action", npred)  # (b, Ta, A)
-            se_raw += (pred - action[:, start:start + Ta]).square().sum()
-            n, values = n + len(naction), values + npred.numel()
-    return {"val_loss": loss_sum.item() / n, "val_action_mse": se.item() / values,
-            "val_action_mse_raw": se_raw.item() / values}
+            se_raw.append((pred - action[:, start:start + Ta]).square().mean((1, 2)))
+    se_w, se_raw_w = torch.cat(se).cpu(), torch.cat(se_raw).cpu()  # (W_val,)
+    metrics = {"val_loss": loss_sum.item() / len(se_w), "val_action_mse": se_w.mean().item(),
+               "val_action_mse_raw": se_raw_w.mean().item()}
+    tasks = np.asarray(source.val_tasks)
+    for task in dict.fromkeys(source.val_tasks):
+        metrics[f"val_action_mse_raw/{task}"] = se_raw_w[torch.from_numpy(tasks == task)].mean().item()
+    return metrics
 
 
 def gather_rank_states(g: torch.Generator, dinfo: DistInfo) -> list[torch.Tensor]:
