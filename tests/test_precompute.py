@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -154,25 +153,6 @@ def cli(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
         timeout=180,
         env=env,
     )
-
-
-@pytest.fixture
-def main_cli(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
-    """`dprgb.cli.main()` in this process (no torch import per call): (code, stdout, stderr)."""
-    from dprgb import cli as cli_module
-
-    def run(*args: object) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["dprgb", *map(str, args)])
-        try:
-            cli_module.main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +403,7 @@ def check_kill_and_resume(
 # ----------------------------------------------------------------------------- staleness
 
 
-def test_staleness_encoder_source_and_data(tmp_path, main_cli):
+def test_staleness_encoder_source_and_data(tmp_path, run_main):
     config_path, cfg = write_data(tmp_path)
     cache_dir = tmp_path / "cache"
     precompute(cfg, PrecomputeConfig(cache_dir=cache_dir, workers=2), TASKS)
@@ -442,14 +422,14 @@ def test_staleness_encoder_source_and_data(tmp_path, main_cli):
     assert status["encoder_stale"] and status["stale"] and not status["data_stale"]
     assert all(row["stale"] == list(range(TINY.episodes)) for row in status["tasks"])
 
-    code, out, err = main_cli("inspect", "cache", "-c", seeded, "--json")
+    code, out, err = run_main("inspect", "cache", "-c", seeded, "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["stale"] is True and report["encoder_stale"] is True and report["data_stale"] is False
-    code, out, _ = main_cli("inspect", "cache", "-c", seeded)
+    code, out, _ = run_main("inspect", "cache", "-c", seeded)
     assert code == 0 and "STALE" in out and "encoder_stale" in out
 
-    code, out, err = main_cli("precompute", "-c", seeded)
+    code, out, err = run_main("precompute", "-c", seeded)
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
@@ -457,11 +437,11 @@ def test_staleness_encoder_source_and_data(tmp_path, main_cli):
     assert_same_cache(cache_dir, cache_dir)  # still readable
     assert all(np.array_equal(old[k]["features"], v["features"]) for k, v in read_cache(cache_dir).items())
 
-    code, out, err = main_cli("precompute", "-c", seeded, "--overwrite")
+    code, out, err = run_main("precompute", "-c", seeded, "--overwrite")
     assert code == 0, err
     status = cache_status(cfg, pc1, TASKS)
     assert not status["stale"] and not status["encoder_stale"] and status["complete"]
-    code, out, _ = main_cli("inspect", "cache", "-c", seeded, "--json")
+    code, out, _ = run_main("inspect", "cache", "-c", seeded, "--json")
     assert json.loads(out)["stale"] is False
     new = read_cache(cache_dir)
     assert sorted(new) == sorted(old)
