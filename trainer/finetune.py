@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dprgb.cache.reader import CachedGroup
 from dprgb.pipeline.config import DataConfig
@@ -64,13 +63,11 @@ from dprgb.trainer.normalizer import LinearNormalizer
 from dprgb.trainer.policy import MODEL_KEYS, DiffusionRGBPolicy, build_policy_config
 from dprgb.trainer.streaming import RawGroup, StreamSource, raw_group
 from dprgb.trainer.train import (
-    build_device,
-    build_distributed,
-    check_resume,
     fit_normalizer,
     run_record,
     run_training,
     split_episodes,
+    training_session,
 )
 
 ENCODER_PREFIX = "encoder."
@@ -212,11 +209,7 @@ def finetune(cfg: TrainConfig, data_cfg: DataConfig, pc: PrecomputeConfig, tasks
              out_dir: Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Finetune mode on `tasks` (a group); returns the path of `out_dir/final_policy.pt`."""
     out_dir = Path(out_dir)
-    check_resume(out_dir, resume)
-    dinfo = build_distributed(cfg)
-    try:
-        device = build_device(cfg, dinfo)
-        torch.manual_seed(cfg.seed)  # model init, identical on every rank
+    with training_session(cfg, out_dir, resume) as (dinfo, device):
         scans = [scan_task(data_cfg, task) for task in tasks]
         group = raw_group(data_cfg, scans)
         spec = encoder_spec(data_cfg, pc, scans)
@@ -253,6 +246,3 @@ def finetune(cfg: TrainConfig, data_cfg: DataConfig, pc: PrecomputeConfig, tasks
         source = StreamSource(group, train_mask, cfg, policy.get_normalizer(), device)
         return run_training(cfg, source, policy, policy_config, out_dir, dinfo, device,
                             resume=resume, progress=progress, ema_state=ema_state)
-    finally:
-        if dinfo.initialized_here:
-            dist.destroy_process_group()

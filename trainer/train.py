@@ -441,11 +441,7 @@ def train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, *, resume: bool =
           progress: bool = True) -> Path:
     """Cache mode: train on `group`; returns the path of `out_dir/final_policy.pt`."""
     out_dir = Path(out_dir)
-    check_resume(out_dir, resume)
-    dinfo = build_distributed(cfg)
-    try:
-        device = build_device(cfg, dinfo)
-        torch.manual_seed(cfg.seed)  # model init, identical on every rank
+    with training_session(cfg, out_dir, resume) as (dinfo, device):
         train_mask, val_episodes = split_episodes(group, cfg.val_episodes_per_task)
         data = build_device_data(group, train_mask, cfg, device)
         policy_config = {
@@ -457,6 +453,20 @@ def train(cfg: TrainConfig, group: CachedGroup, out_dir: Path, *, resume: bool =
         policy.set_normalizer(data.normalizer.state_dict())
         return run_training(cfg, data, policy, policy_config, out_dir, dinfo, device,
                             resume=resume, progress=progress)
+
+
+@contextlib.contextmanager
+def training_session(cfg: TrainConfig, out_dir: Path,
+                     resume: bool) -> Iterator[tuple[DistInfo, torch.device]]:
+    """What every training mode does first and last: check the resume request, join the
+    process group (under torchrun), pick the device, seed the model init (identical on every
+    rank); leave the process group at the end, also on errors."""
+    check_resume(out_dir, resume)
+    dinfo = build_distributed(cfg)
+    try:
+        device = build_device(cfg, dinfo)
+        torch.manual_seed(cfg.seed)
+        yield dinfo, device
     finally:
         if dinfo.initialized_here:
             dist.destroy_process_group()
