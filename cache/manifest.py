@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dprgb.cache.store import SCHEMA_VERSION
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
 
 MANIFEST_NAME = "manifest.json"
 # Metadata files are hashed by content; chunk files by (name, size, mtime) (too big to hash).
@@ -63,6 +63,24 @@ def new_manifest(
         "tasks": tasks,  # task -> {"action_layout": {...}}
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def manifest_mismatch(manifest: dict[str, Any], *, fingerprint: str, data_fingerprint: str,
+                      feature_dtype: str | None = None) -> str | None:
+    """What the cache was built with that differs from now: "encoder", "data options",
+    "cache dtype" (only checked when given), or None when it matches."""
+    if manifest["encoder"]["fingerprint"] != fingerprint:
+        return "encoder"
+    if manifest["data_fingerprint"] != data_fingerprint:
+        return "data options"
+    if feature_dtype is not None and manifest.get("feature_dtype") != feature_dtype:
+        return "cache dtype"
+    return None
+
+
+def episode_is_fresh(attrs: dict[str, Any], source_id: str, fingerprint: str) -> bool:
+    """A cached episode is fresh when its sources and its encoder are those of now."""
+    return attrs.get("source_id") == source_id and attrs.get("encoder_fingerprint") == fingerprint
 
 
 def read_manifest(cache_dir: Path) -> dict[str, Any] | None:

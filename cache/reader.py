@@ -10,8 +10,8 @@ import numpy as np
 
 from dprgb.cache.manifest import read_manifest
 from dprgb.cache.store import EpisodeRecord, cached_episodes, cached_tasks, read_episode
-from dprgb.pipeline.config import resolve_config
-from dprgb.pipeline.errors import DprgbError
+from dprgb.config import resolve_config
+from dprgb.errors import DprgbError
 
 
 @dataclass
@@ -29,7 +29,7 @@ class CachedGroup:
     episode_task: np.ndarray  # (E,) int64, task id of each episode
     episode_index: np.ndarray  # (E,) int64, source episode number within its task
     fingerprint: str  # encoder fingerprint of the cache the arrays came from
-    action_layout: dict  # how the action vector was built (arms, dofs, gripper, offset)
+    action_layouts: dict[str, dict]  # task -> how its action vector was built (arms, dofs, ...)
 
     @property
     def obs_dim(self) -> int:
@@ -96,7 +96,7 @@ class Cache:
             episode_task=np.array([tasks.index(r.task) for r in records], dtype=np.int64),
             episode_index=np.array([r.episode for r in records], dtype=np.int64),
             fingerprint=self.fingerprint,
-            action_layout=self.manifest["tasks"].get(tasks[0], {}).get("action_layout", {}),
+            action_layouts={task: self.manifest["tasks"][task]["action_layout"] for task in tasks},
         )
 
 

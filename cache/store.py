@@ -25,8 +25,8 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from dprgb.pipeline.errors import DprgbError
-from dprgb.pipeline.naming import episode_index
+from dprgb.errors import DprgbError
+from dprgb.naming import episode_index
 
 SCHEMA_VERSION = 1
 PARTIAL_PREFIX = ".partial-"

@@ -1,128 +1,22 @@
-"""The YAML configuration: one file of defaults plus named groups; flags override it.
+"""The configs of everything before the training: the data, the encoder, the precompute.
 
-    rgb_zarr_roots: [data/features_croco_encoder_dict_unified_zarr, ...]
-    traj_root: data/trajectories
-    epochs: 100
-    groups:
-      arm7: {tasks: [shake_bottle-demo_clean-20_head_camera], epochs: 200}
-
-A group's keys override the top-level ones, command-line flags override both. YAML
-anchors do not cross files, so inheritance across files is spelled `extends: base.yaml`
-(resolved relative to the extending file, which wins). Relative paths in a file are
-relative to that file. Each command builds its own dataclass from the merged mapping.
+Each is a `dprgb.config.Config`: built from the resolved YAML/CLI mapping, typed, validated.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from dprgb.config import Config
+from dprgb.errors import DprgbError
+from dprgb.naming import SLOT_POLICIES, backbone_from_root, default_slot_policy
 
-from dprgb.pipeline.errors import DprgbError
-from dprgb.pipeline.naming import backbone_from_root
-
-# Keys whose values are paths, resolved relative to the file that names them.
-PATH_KEYS = ("traj_root", "cache_dir", "save_dir")
-# Backbones whose 8 window copies of a frame are identical (per-frame models): any copy will do.
-PER_FRAME_BACKBONES = ("croco", "dinov3")
-SLOT_POLICIES = ("causal", "any")
 ACTION_SOURCES = ("auto", "hdf5", "pkl")
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise DprgbError(f"cannot read config: {err.strerror}", path=path) from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise DprgbError(f"not valid YAML: {' '.join(str(err).split())}", path=path) from None
-    if not isinstance(data, dict):
-        raise DprgbError("config must be a mapping of keys to values", path=path)
-    return data
-
-
-def _resolve_paths(mapping: dict, base_dir: Path) -> dict:
-    out = dict(mapping)
-    for key in PATH_KEYS:
-        if isinstance(out.get(key), str):
-            out[key] = str((base_dir / out[key]).resolve())
-    roots = out.get("rgb_zarr_roots")
-    if isinstance(roots, (str, dict)):
-        roots = [roots] if isinstance(roots, str) or "path" in roots else [{k: v} for k, v in roots.items()]
-    if isinstance(roots, list):
-        out["rgb_zarr_roots"] = [_resolve_root_entry(entry, base_dir) for entry in roots]
-    encoder = out.get("encoder")
-    if isinstance(encoder, str) and encoder.endswith((".pt", ".pth", ".ts")):
-        out["encoder"] = str((base_dir / encoder).resolve())
-    if isinstance(out.get("groups"), dict):
-        out["groups"] = {name: _resolve_paths(group or {}, base_dir) for name, group in out["groups"].items()}
-    return out
-
-
-def _resolve_root_entry(entry: Any, base_dir: Path) -> Any:
-    if isinstance(entry, str):
-        return str((base_dir / entry).resolve())
-    if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-        return {**entry, "path": str((base_dir / entry["path"]).resolve())}
-    if isinstance(entry, dict) and len(entry) == 1:  # {backbone: path}
-        ((backbone, path),) = entry.items()
-        return {"backbone": backbone, "path": str((base_dir / str(path)).resolve())}
-    return entry
-
-
-def load_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """The file's mapping with paths resolved and `extends:` applied."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise DprgbError("config `extends` chain loops back to itself", path=path)
-    data = _resolve_paths(_read_yaml(path), path.parent)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    base = load_config_file(path.parent / parent, (*_seen, path))
-    groups = {**base.get("groups", {}), **data.get("groups", {})}
-    merged = {**base, **data}
-    if groups:
-        merged["groups"] = groups
-    return merged
-
-
-def resolve_config(
-    path: str | Path | None,
-    group: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> dict:
-    """Defaults, then the named group's keys, then flags (None-valued flags are unset)."""
-    data = load_config_file(path) if path is not None else {}
-    groups = data.pop("groups", {}) or {}
-    merged = dict(data)
-    if group is not None and group in groups:
-        merged.update(groups[group] or {})
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    merged["groups"] = groups
-    merged["group"] = group
-    return merged
-
-
-def check_known_keys(mapping: Mapping[str, Any], *config_types: type, source: str = "") -> None:
-    """Refuse keys no command knows: a typo must not silently fall back to a default."""
-    known = {"groups", "group", "extends"}
-    for config_type in config_types:
-        known.update(f.name for f in dataclasses.fields(config_type))
-    unknown = sorted(set(mapping) - known)
-    if unknown:
-        raise DprgbError(f"unknown config key(s) {', '.join(unknown)}", path=source or None)
-
-
-def fields_of(config_type: type, mapping: Mapping[str, Any]) -> dict:
-    names = {f.name for f in dataclasses.fields(config_type)}
-    return {k: v for k, v in mapping.items() if k in names}
+CACHE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -132,7 +26,7 @@ class FeatureRoot:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     """Where the data is and how actions are built from it."""
 
     rgb_zarr_roots: list[FeatureRoot]
@@ -147,9 +41,9 @@ class DataConfig:
     slot_policy: dict[str, str] = field(default_factory=dict)  # backbone -> causal | any
     resample_segments: bool = False  # opt in to resampling planner segments onto frames
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.rgb_zarr_roots:
-            raise DprgbError("no feature roots: set rgb_zarr_roots in the config")
+            raise DprgbError("no feature roots: set rgb_zarr_roots in the config (use --config FILE)")
         names = [root.backbone for root in self.rgb_zarr_roots]
         if len(set(names)) != len(names):
             raise DprgbError(f"two feature roots name the same backbone: {names=}")
@@ -165,18 +59,16 @@ class DataConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> DataConfig:
-        values = fields_of(cls, mapping)
+        values = {k: v for k, v in mapping.items() if k in cls.keys()}
         if "rgb_zarr_roots" not in values or "traj_root" not in values:
             raise DprgbError("the config needs rgb_zarr_roots and traj_root (use --config FILE)")
         values["rgb_zarr_roots"] = parse_roots(values["rgb_zarr_roots"])
-        values["traj_root"] = Path(values["traj_root"])
         if values.get("tasks") is not None:
             values["tasks"] = list(_as_list(values["tasks"]))
         return cls(**values)
 
     def slot_policy_for(self, backbone: str) -> str:
-        default = "any" if backbone in PER_FRAME_BACKBONES else "causal"
-        return self.slot_policy.get(backbone, default)
+        return self.slot_policy.get(backbone, default_slot_policy(backbone))
 
     def arm_settings(self) -> dict:
         return {
@@ -185,6 +77,16 @@ class DataConfig:
             "fuse_arms": self.fuse_arms,
             "include_gripper": self.include_gripper,
             "action_offset": self.action_offset,
+        }
+
+    def options(self) -> dict:
+        """The data settings that change cached features or actions (the data fingerprint)."""
+        backbones = [root.backbone for root in self.rgb_zarr_roots]
+        return {
+            "backbones": backbones,
+            "slot_policy": {name: self.slot_policy_for(name) for name in backbones},
+            "resample_segments": self.resample_segments,
+            **self.arm_settings(),
         }
 
 
@@ -203,10 +105,12 @@ def parse_roots(entries: Any) -> list[FeatureRoot]:
         entries = [{"backbone": k, "path": v} for k, v in entries.items()]
     roots = []
     for entry in entries:
-        if isinstance(entry, (str, Path)):
-            roots.append(FeatureRoot(backbone_from_root(entry), Path(entry)))
+        if isinstance(entry, FeatureRoot):
+            roots.append(entry)
+        elif isinstance(entry, (str, Path)):
+            roots.append(FeatureRoot(_backbone_of(entry), Path(entry)))
         elif isinstance(entry, dict) and "path" in entry:
-            backbone = entry.get("backbone") or backbone_from_root(entry["path"])
+            backbone = entry.get("backbone") or _backbone_of(entry["path"])
             roots.append(FeatureRoot(str(backbone), Path(entry["path"])))
         elif isinstance(entry, dict) and len(entry) == 1:
             ((backbone, path),) = entry.items()
@@ -214,3 +118,49 @@ def parse_roots(entries: Any) -> list[FeatureRoot]:
         else:
             raise DprgbError(f"rgb_zarr_roots entry {entry!r} is neither a path nor {{backbone, path}}")
     return roots
+
+
+def _backbone_of(root: str | Path) -> str:
+    backbone = backbone_from_root(root)
+    if backbone is None:
+        raise DprgbError(
+            "cannot tell the backbone from the directory name; name it in the config "
+            "(rgb_zarr_roots: [{backbone: vggt, path: ...}])",
+            path=root,
+        )
+    return backbone
+
+
+@dataclass
+class EncoderConfig(Config):
+    """The frozen frame encoder precompute runs and finetune starts from."""
+
+    encoder: str = "reference"  # "reference", an RGB2PC checkpoint, TorchScript, module:factory
+    encoder_weights: str | None = None  # state dict for a plugin / the reference encoder
+    encoder_options: dict[str, Any] = field(default_factory=dict)  # e.g. {nhead: 20}
+    encoder_amp: bool = False  # bf16 autocast for the encoder on CUDA (changes the features)
+
+
+@dataclass
+class PrecomputeConfig(Config):
+    """The cache: where it is, how it is written, whether a stale one may be used."""
+
+    cache_dir: Path = Path("cache")
+    cache_dtype: str = "float32"
+    batch_frames: int = 32  # frames per encoder call
+    precompute_workers: int = 0  # parallel episodes; 0: one per core
+    scheduler: str | None = None  # None: threads; "local": LocalCluster; else an address
+    allow_stale_cache: bool = False  # train/eval on a cache that no longer matches its inputs
+
+    def validate(self) -> None:
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise DprgbError(f"{self.cache_dtype=} must be one of {CACHE_DTYPES}")
+        if self.batch_frames < 1 or self.precompute_workers < 0:
+            raise DprgbError(
+                f"need batch_frames >= 1 and precompute_workers >= 0: {self.batch_frames=} "
+                f"{self.precompute_workers=}"
+            )
+
+    @property
+    def num_workers(self) -> int:
+        return self.precompute_workers or os.cpu_count() or 1

@@ -44,11 +44,11 @@ import numpy as np
 import yaml
 import zarr
 
-from dprgb.pipeline.naming import parse_task_name
+from dprgb.errors import DprgbError
+from dprgb.naming import default_slot_policy, parse_task_name
 
 WINDOW = 8
 LATENT_DIM = 2
-CROSS_FRAME_BACKBONES = ("vggt", "da3")
 DOF = 6  # aloha-agilex arms
 
 
@@ -84,6 +84,18 @@ class DemoSpec:
 
 
 REALISTIC_BACKBONES = {"croco": ((14, 14, 1024), "float16"), "vggt": ((28, 37, 2048), "float32")}
+
+
+def demo_spec(*, realistic: bool = False, **values: int | None) -> DemoSpec:
+    """A DemoSpec from the given values (None: the default), with real feature shapes when
+    `realistic`; refuses episodes too short for one 8-frame window."""
+    spec = DemoSpec(**{k: v for k, v in values.items() if v is not None})
+    if realistic:
+        spec.backbones = dict(REALISTIC_BACKBONES)
+    if spec.min_frames < WINDOW or spec.max_frames < spec.min_frames:
+        raise DprgbError(f"need {WINDOW} <= min_frames <= max_frames, got {spec.min_frames=} "
+                         f"{spec.max_frames=}")
+    return spec
 
 
 def feature_root_name(backbone: str) -> str:
@@ -234,7 +246,7 @@ def _write_windowed_pack(
         compressors=numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE),
         fill_value=0,
     )
-    cross_frame = backbone in CROSS_FRAME_BACKBONES
+    cross_frame = default_slot_policy(backbone) == "causal"
     for wi in range(n_windows):
         window = frames[wi : wi + WINDOW]
         if cross_frame:  # attention over the window: every copy of a frame differs a little

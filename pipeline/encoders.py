@@ -7,12 +7,17 @@ pipeline and the finetune path call only that interface and `encoder_fingerprint
 - `ReferenceEncoder`: a fixed, seeded, cheap encoder for the demo and for users without a
   trained RGB2PC.
 - Plugins: a TorchScript file or a `module:factory` callable, see `load_encoder`.
+
+A policy file carries its encoder as data (`encoder_record` + the state dict, and a
+TorchScript archive's bytes); `rebuild_encoder` makes the module again from that alone. It
+never imports what a record names: a plugin's module comes from the caller.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import math
 import re
@@ -23,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
 from dprgb.pipeline.rgb2pc import (
     RGB2PCEncoder,
     describe_rgb2pc,
@@ -35,9 +40,12 @@ __all__ = [
     "FrameEncoder",
     "RGB2PCEncoder",
     "ReferenceEncoder",
+    "build_plugin",
     "ScriptedEncoder",
     "describe_rgb2pc",
     "encoder_fingerprint",
+    "encoder_record",
+    "rebuild_encoder",
     "is_torchscript",
     "load_encoder",
     "load_rgb2pc",
@@ -175,6 +183,10 @@ class ReferenceEncoder(nn.Module):
         x = torch.cat(stats, dim=1).to(self.proj.weight.dtype)  # (B, sum 3C)
         return self.proj(x)  # (B, D)
 
+    def architecture(self) -> dict[str, Any]:
+        """The constructor's arguments (the weights are in the state dict)."""
+        return {"backbone_dims": dict(self.backbone_dims), "out_dim": self.out_dim, "seed": self.seed}
+
 
 # ----------------------------------------------------------------------------- plugins
 
@@ -184,9 +196,11 @@ class ScriptedEncoder(nn.Module):
     ScriptModule refuses some nn.Module methods, e.g. requires_grad_). State dict under
     `module.`."""
 
-    def __init__(self, module: torch.jit.ScriptModule, backbones: list[str], out_dim: int):
+    def __init__(self, module: torch.jit.ScriptModule, backbones: list[str], out_dim: int,
+                 archive: bytes = b""):
         super().__init__()
         self.module = module
+        self.archive = archive  # the TorchScript file's bytes: its code, for a policy file
         self.backbones = list(backbones)
         self.out_dim = int(out_dim)
 
@@ -270,19 +284,28 @@ def _build_torchscript(path: Path, options: dict) -> tuple[nn.Module, dict]:
     return module, {"encoder": "torchscript", "file_sha256": file_hash}
 
 
-def _build_factory(spec: str, options: dict) -> tuple[nn.Module, dict]:
+def build_plugin(spec: str, kwargs: dict) -> nn.Module:
+    """`module:factory`, imported and called with `kwargs`: only ever for a spec the user
+    wrote (config, command line, a caller's argument), never one read from a file."""
+    if not _FACTORY_SPEC.match(spec):
+        raise DprgbError(f"encoder plugin {spec!r} is not of the form module:factory")
     module_name, factory_name = spec.split(":")
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as exc:
         raise DprgbError(f"cannot find encoder factory {spec!r} ({exc})") from exc
-    kwargs = {k: v for k, v in options.items() if k not in _LOADER_OPTIONS}
     try:
         module = factory(**kwargs)
     except Exception as exc:  # the plugin's own error, reported on one line
         raise DprgbError(f"encoder factory {spec!r} failed: {exc!r}") from exc
     if not isinstance(module, nn.Module):
         raise DprgbError(f"encoder factory {spec!r} returned {type(module).__name__}, not a Module")
+    return module
+
+
+def _build_factory(spec: str, options: dict) -> tuple[nn.Module, dict]:
+    kwargs = {k: v for k, v in options.items() if k not in _LOADER_OPTIONS}
+    module = build_plugin(spec, kwargs)
     # The factory's code is not hashed: a plugin can expose `version` to mark changes.
     resolved = {"encoder": "factory", "factory": spec, "kwargs": kwargs}
     if getattr(module, "version", None) is not None:
@@ -346,7 +369,6 @@ def load_encoder(
     backbone_dims: dict[str, int] | None = None,
     weights: str | None = None,
     options: dict | None = None,
-    trainable: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Build the encoder named by spec; returns (encoder in eval mode, fingerprint options).
 
@@ -360,7 +382,7 @@ def load_encoder(
     weights: a state dict file (weights_only=True) loaded strictly into a plugin or the
     reference encoder. options["frame_shapes"] = {name: (Hf, Wf, C)} is only used to find a
     plugin's out_dim by a dry run when it has no `out_dim` attribute; a plugin without
-    `backbones` consumes backbone_dims' names. Parameters have requires_grad=trainable.
+    `backbones` consumes backbone_dims' names. Parameters are frozen (requires_grad False).
     The second return value is what `encoder_fingerprint` must hash with the weights.
     """
     options = dict(options or {})
@@ -385,8 +407,58 @@ def load_encoder(
     encoder.eval()  # before any dry run: dropout and batch-norm behave as they will in use
     backbones, out_dim = _interface(encoder, backbone_dims, options.get("frame_shapes"))
     if isinstance(encoder, torch.jit.ScriptModule):
-        encoder = ScriptedEncoder(encoder, backbones, out_dim).eval()
+        encoder = ScriptedEncoder(encoder, backbones, out_dim, Path(spec).read_bytes()).eval()
     else:
         encoder.backbones, encoder.out_dim = backbones, out_dim
-    encoder.requires_grad_(trainable)
+    encoder.requires_grad_(False)
     return encoder, resolved
+
+
+# ----------------------------------------------------------------------------- as data
+
+_ARCHITECTURES = {"reference": ReferenceEncoder, "rgb2pc": RGB2PCEncoder}
+
+
+def encoder_record(encoder: nn.Module, spec: str) -> dict[str, Any]:
+    """What rebuilds `encoder` without the files it came from: its kind, interface and
+    constructor arguments (`rebuild_encoder` with its state dict, and for TorchScript the
+    archive). `spec` is kept to say where it came from, never to load from."""
+    record: dict[str, Any] = {"backbones": list(encoder.backbones), "out_dim": int(encoder.out_dim),
+                              "source": str(spec)}
+    if isinstance(encoder, ScriptedEncoder):
+        return {**record, "kind": "torchscript"}
+    for kind, cls in _ARCHITECTURES.items():
+        if type(encoder) is cls:
+            return {**record, "kind": kind, "architecture": encoder.architecture()}
+    return {**record, "kind": "plugin"}
+
+
+def rebuild_encoder(record: dict[str, Any], state: dict[str, Tensor], archive: bytes | None = None,
+                    plugin: nn.Module | None = None) -> nn.Module:
+    """The encoder a policy file describes, with its weights, frozen and in eval mode.
+
+    A plugin's module must come from the caller (`plugin`): a file never decides what code
+    runs. For the other kinds `plugin` replaces the rebuilt module when given.
+    """
+    kind = record.get("kind")
+    if plugin is not None:
+        encoder = plugin
+    elif kind in _ARCHITECTURES:
+        encoder = _ARCHITECTURES[kind](**record["architecture"])
+    elif kind == "torchscript" and archive:
+        module = torch.jit.load(io.BytesIO(bytes(archive)), map_location="cpu")
+        encoder = ScriptedEncoder(module, record["backbones"], record["out_dim"], bytes(archive))
+    elif kind == "plugin":
+        raise DprgbError(
+            f"the policy's encoder is a plugin ({record.get('source')!r}); a policy file never "
+            "imports code: build the module yourself and pass it, from_checkpoint(path, "
+            "encoder=module) or encoder='module:factory'"
+        )
+    else:
+        raise DprgbError(f"the policy file's encoder record is not one dprgb knows: kind={kind!r}")
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DprgbError(f"the policy's encoder weights do not fit the encoder: {exc}") from None
+    encoder.backbones, encoder.out_dim = list(record["backbones"]), int(record["out_dim"])
+    return encoder.requires_grad_(False).eval()

@@ -1,10 +1,11 @@
 """The one view of an episode the rest of dprgb uses, and the one alignment function.
 
-`open_task(cfg, task)` finds a task's feature stores (one per backbone root) and its
-trajectories, decides the task's action layout, aligns every episode by step id and returns
-`Episode`s: the aligned step ids, per-step actions and per-backbone feature access. The
-precompute (cache) path and the finetune path both go through `align_steps`, so the same
-step gives the same observation and action either way.
+`scan_task(cfg, task)` finds a task's feature stores (one per backbone root) and its
+trajectories and decides the task's action layout; `episodes_from_scan` aligns every episode
+by step id and returns `Episode`s: the aligned step ids, per-step actions and per-backbone
+feature access. An `EpisodeJob` is the small, picklable description a worker reopens an
+episode from. The precompute (cache) path and the finetune path both go through
+`align_steps`, so the same step gives the same observation and action either way.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dprgb.errors import DprgbError
+from dprgb.naming import parse_task_name
 from dprgb.pipeline.config import DataConfig
-from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.features import FeatureEpisode, list_feature_episodes, list_tasks, open_feature_episode
-from dprgb.pipeline.naming import parse_task_name
 from dprgb.pipeline.trajectories import (
     ARMS,
     FORMAT_SEGMENTS,
@@ -41,6 +42,13 @@ class ActionLayout:
     def dim(self) -> int:
         return sum(self.dofs) + (len(self.arms) if self.gripper else 0)
 
+    def joints(self) -> list[str]:
+        """What each action column is, in order: `left.0` .. `left.5`, `left.gripper`, ..."""
+        names = []
+        for arm, dof in zip(self.arms, self.dofs, strict=True):
+            names += [f"{arm}.{j}" for j in range(dof)] + ([f"{arm}.gripper"] if self.gripper else [])
+        return names
+
     def to_dict(self) -> dict:
         return {
             "arms": list(self.arms),
@@ -48,6 +56,7 @@ class ActionLayout:
             "gripper": self.gripper,
             "offset": self.offset,
             "dim": self.dim,
+            "joints": self.joints(),
         }
 
     def targets(self, trajectory: Trajectory) -> np.ndarray:
@@ -271,14 +280,21 @@ def build_episode(
     )
 
 
-def check_usable(cfg: DataConfig, scan: TaskScan) -> None:
+def usability_problem(cfg: DataConfig, scan: TaskScan) -> str | None:
+    """Why a task's episodes cannot become training data, or None: THE usability rule."""
     if scan.format == FORMAT_SEGMENTS and not cfg.resample_segments:
-        raise DprgbError(
+        return (
             f"task {scan.task!r} has RoboTwin planner-segment pickles, not per-frame actions; "
             "use HDF5 joint_action, or set resample_segments: true to stretch segments over "
-            "the frames (approximate, no gripper)",
-            path=scan.trajectory_dir,
+            "the frames (approximate, no gripper)"
         )
+    return None
+
+
+def check_usable(cfg: DataConfig, scan: TaskScan) -> None:
+    problem = usability_problem(cfg, scan)
+    if problem is not None:
+        raise DprgbError(problem, path=scan.trajectory_dir)
 
 
 def episodes_from_scan(cfg: DataConfig, scan: TaskScan) -> list[Episode]:
@@ -289,11 +305,71 @@ def episodes_from_scan(cfg: DataConfig, scan: TaskScan) -> list[Episode]:
     ]
 
 
-def open_task(cfg: DataConfig, task: str) -> tuple[ActionLayout, list[Episode]]:
-    scan = scan_task(cfg, task)
-    return scan.layout, episodes_from_scan(cfg, scan)
-
-
 def select_tasks(cfg: DataConfig) -> list[str]:
     """The configured tasks, or every task under the first feature root."""
     return list(cfg.tasks) if cfg.tasks else list_tasks(cfg.rgb_zarr_roots[0].path)
+
+
+# ---- episodes a worker reopens itself ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    """How any process reopens one episode (small, picklable)."""
+
+    task: str
+    episode: int
+    stores: tuple  # ((backbone, store path, slot policy), ...)
+    trajectory: str
+    layout: ActionLayout
+    frames: int  # aligned steps, for progress
+
+
+def plan_jobs(scan: TaskScan) -> list[EpisodeJob]:
+    jobs = []
+    for ep in scan.usable_episodes:
+        stores = scan.stores[ep]
+        frames = len(next(iter(stores.values())).steps) - scan.layout.offset
+        jobs.append(
+            EpisodeJob(
+                task=scan.task,
+                episode=ep,
+                stores=tuple((name, str(store.path), store.slot_policy) for name, store in stores.items()),
+                trajectory=str(scan.trajectories[ep].path),
+                layout=scan.layout,
+                frames=max(frames, 0),
+            )
+        )
+    return jobs
+
+
+def open_job_episode(job: EpisodeJob) -> Episode:
+    stores = {
+        backbone: open_feature_episode(backbone, Path(path), job.episode, policy)
+        for backbone, path, policy in job.stores
+    }
+    return build_episode(job.task, stores, load_trajectory(Path(job.trajectory), job.episode), job.layout)
+
+
+def episode_sources(scan: TaskScan, episode: int) -> list[Path]:
+    """The files an episode's cached data comes from (its source identity)."""
+    return [store.path for store in scan.stores[episode].values()] + [scan.trajectories[episode].path]
+
+
+def first_stores(scans: list[TaskScan]) -> dict[str, FeatureEpisode]:
+    """The feature stores of the first usable episode: what every frame looks like."""
+    for scan in scans:
+        for ep in scan.usable_episodes:
+            return scan.stores[ep]
+    raise DprgbError(f"no episode with features in tasks {[scan.task for scan in scans]}")
+
+
+def observation_spec(scans: list[TaskScan]) -> dict:
+    """Per backbone, in root order: frame shape (Hf, Wf, C), slot policy, window length."""
+    stores = first_stores(scans)
+    return {
+        "backbones": list(stores),
+        "frame_shapes": {name: list(store.frame_shape) for name, store in stores.items()},
+        "slot_policy": {name: store.slot_policy for name, store in stores.items()},
+        "window_size": {name: store.window_size for name, store in stores.items()},
+    }

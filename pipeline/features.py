@@ -27,9 +27,9 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from dprgb.errors import DprgbError
+from dprgb.naming import episode_index, step_from_frame_path
 from dprgb.pipeline.blosc_partial import SlotReader
-from dprgb.pipeline.errors import DprgbError
-from dprgb.pipeline.naming import episode_index, step_from_frame_path
 
 WINDOWED_ARRAY = "per_frame_features"
 PLAIN_ARRAY = "features"

@@ -11,9 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig
-from dprgb.pipeline.episodes import TaskScan, align_steps, scan_task, select_tasks, target_frames
-from dprgb.pipeline.errors import DprgbError
+from dprgb.pipeline.episodes import (
+    TaskScan,
+    align_steps,
+    scan_task,
+    select_tasks,
+    target_frames,
+    usability_problem,
+)
 from dprgb.pipeline.features import list_feature_episodes, open_feature_episode
 from dprgb.pipeline.trajectories import FORMAT_SEGMENTS
 
@@ -33,7 +40,7 @@ def task_action_summary(cfg: DataConfig, scan: TaskScan) -> dict[str, Any]:
         alignment = align_steps(stores, num_targets, scan.layout.offset)
         lacking_action += len(alignment.lacking_action)
         lacking_features += len(alignment.lacking_features)
-    usable = not segments or cfg.resample_segments
+    usable = usability_problem(cfg, scan) is None
     notes = []
     if segments:
         notes.append(
@@ -94,7 +101,7 @@ def resolve_group_tasks(cfg: DataConfig, group: str, groups: Mapping[str, Any]) 
     tasks = []
     for task in select_tasks(cfg):
         scan = scan_task(cfg, task)
-        if scan.layout.dim == dim and (scan.format != FORMAT_SEGMENTS or cfg.resample_segments):
+        if scan.layout.dim == dim and usability_problem(cfg, scan) is None:
             tasks.append(task)
     if not tasks:
         raise DprgbError(f"no selected task has {dim}-dim actions (group {group!r})")

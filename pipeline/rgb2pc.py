@@ -28,16 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
+from dprgb.naming import KNOWN_BACKBONES, backbone_from_root
 
-KNOWN_BACKBONES = ("croco", "vggt", "dinov3", "da3")
 # The one global a features_model checkpoint needs beyond weights_only's defaults: `args`
 # may be saved as the argparse.Namespace itself rather than `vars(args)`.
 ALLOWED_GLOBALS = (argparse.Namespace,)
 _ALLOWED_GLOBAL_NAMES = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
-# Root directory names look like features_<backbone>_encoder_dict_unified_zarr (also
-# features_croco_v2_..., ..._safe_zarr); match the backbone right after "features_".
-_ROOT_NAME = re.compile(r"features_(croco|vggt|dinov3|da3)(?:_|$)")
 MOE_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
@@ -181,6 +178,18 @@ class RGB2PCEncoder(nn.Module):
             self.pos_encoder.register_buffer("pe", sinusoidal_table(pe_length or self.num_tokens, dim))
         self.proj_student = MLPHead(dim, dim)
         self._token_index: dict[tuple[int, int, int, str], Tensor] = {}
+        self._arguments = {
+            "backbones": self.backbones, "backbone_dims": self.backbone_dims, "dim": dim,
+            "fusion": fusion, "moe_hidden": moe_hidden, "moe_activation": moe_activation,
+            "context_layers": context_layers, "nhead": nhead, "num_tokens": num_tokens,
+            "student_pool": student_pool, "pe_length": pe_length, "token_seed": token_seed,
+        }
+
+    def architecture(self) -> dict[str, Any]:
+        """The constructor's arguments (the weights are in the state dict); the positional
+        table's length is the one it holds now (see `_extend_pe`)."""
+        pe_length = self.pos_encoder.pe.shape[0] if self.context_encoder is not None else None
+        return {**self._arguments, "pe_length": pe_length}
 
     # -- tokens -> vector
 
@@ -296,20 +305,6 @@ def checkpoint_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, A
     if isinstance(args, dict):
         return args
     raise DprgbError("checkpoint has no 'args' dict; is it a features_model checkpoint?", path=path)
-
-
-def backbone_from_root(root: str) -> str | None:
-    """'.../features_vggt_encoder_dict_unified_zarr' -> 'vggt'; None when no name matches.
-
-    The last path component that names a backbone wins; a bare backbone name is accepted.
-    """
-    for part in reversed(Path(str(root).rstrip("/")).parts):
-        if part in KNOWN_BACKBONES:
-            return part
-        match = _ROOT_NAME.search(part)
-        if match:
-            return match.group(1)
-    return None
 
 
 def backbone_order_from_args(args: dict[str, Any], path: str | Path) -> list[str]:

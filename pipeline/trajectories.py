@@ -26,8 +26,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dprgb.pipeline.errors import DprgbError
-from dprgb.pipeline.naming import episode_index
+from dprgb.errors import DprgbError
+from dprgb.naming import episode_index
 
 ARMS = ("left", "right")
 PICKLE_KEYS = {"left": "left_joint_path", "right": "right_joint_path"}

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import zarr
 
+from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig, resolve_config
-from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.features import open_feature_episode
 from dprgb.pipeline.report import action_dims_report, features_report
 

@@ -26,10 +26,10 @@ from dprgb.cache.store import (
     remove_leftovers,
     write_episode,
 )
+from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig, resolve_config
 from dprgb.pipeline.demo_data import DEMO_TASKS, DemoSpec, feature_root_name, write_demo_data
 from dprgb.pipeline.episodes import episodes_from_scan, scan_task
-from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.precompute import PrecomputeConfig, cache_status, precompute
 
 TINY = DemoSpec(episodes=3, min_frames=10, max_frames=14)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
+from dprgb.naming import step_from_frame_path
 from dprgb.pipeline.features import open_feature_episode
-from dprgb.pipeline.naming import step_from_frame_path
 
 CROCO = "features_croco_encoder_dict_unified_zarr"
 VGGT = "features_vggt_encoder_dict_unified_zarr"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig, FeatureRoot, check_known_keys, parse_roots, resolve_config
-from dprgb.pipeline.errors import DprgbError
 
 
 def write(path: Path, text: str) -> Path:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dprgb.errors import DprgbError
+from dprgb.naming import backbone_from_root
 from dprgb.pipeline.encoders import (
     ReferenceEncoder,
     ScriptedEncoder,
@@ -28,8 +30,6 @@ from dprgb.pipeline.encoders import (
     load_encoder,
     load_rgb2pc,
 )
-from dprgb.pipeline.errors import DprgbError
-from dprgb.pipeline.rgb2pc import backbone_from_root
 
 D = 32
 NHEAD = 4

@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
+from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig, FeatureRoot
 from dprgb.pipeline.episodes import episodes_from_scan, open_task, scan_task
-from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.trajectories import FORMAT_HDF5, FORMAT_SEGMENTS, load_trajectory
 
 TASK = "lift_cube-demo_clean-2_head_camera"

@@ -15,7 +15,7 @@ import pytest
 import zarr
 from zarr.storage import LocalStore
 
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
 from dprgb.pipeline.features import list_feature_episodes, list_tasks, open_feature_episode
 from dprgb.pipeline.trajectories import list_trajectory_files, load_trajectory
 

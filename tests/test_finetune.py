@@ -21,11 +21,11 @@ import torch
 import yaml
 
 from dprgb.cache.reader import open_cache
+from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig, resolve_config
 from dprgb.pipeline.demo_data import DEMO_TASKS, DemoSpec, write_demo_data
 from dprgb.pipeline.encoders import encoder_fingerprint, load_encoder
 from dprgb.pipeline.episodes import scan_task
-from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.precompute import PrecomputeConfig, precompute
 from dprgb.trainer.config import TrainConfig
 from dprgb.trainer.evaluate import evaluate

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
 from dprgb.trainer.checkpoint import save_policy
 from dprgb.trainer.normalizer import LinearNormalizer, fit_minmax
 from dprgb.trainer.policy import DiffusionRGBPolicy

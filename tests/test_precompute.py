@@ -27,11 +27,11 @@ import zarr
 from dprgb.cache.manifest import read_manifest
 from dprgb.cache.reader import open_cache
 from dprgb.cache.store import PARTIAL_PREFIX, TRASH_PREFIX, cached_episodes
+from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig, resolve_config
 from dprgb.pipeline.demo_data import DEMO_TASKS, DemoSpec, feature_root_name, write_demo_data
 from dprgb.pipeline.encoders import encoder_fingerprint, load_encoder
 from dprgb.pipeline.episodes import episodes_from_scan, scan_task
-from dprgb.pipeline.errors import DprgbError
 from dprgb.pipeline.precompute import PrecomputeConfig, cache_status, encode_steps, precompute
 
 TINY = DemoSpec(episodes=3, min_frames=10, max_frames=14)

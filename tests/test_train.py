@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dprgb.cache.reader import CachedGroup
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
 from dprgb.trainer.config import TrainConfig
 from dprgb.trainer.evaluate import evaluate
 from dprgb.trainer.policy import DiffusionRGBPolicy

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dprgb.naming import parse_task_name, step_from_frame_path
 from dprgb.pipeline.features import list_feature_episodes
-from dprgb.pipeline.naming import parse_task_name, step_from_frame_path
 from dprgb.pipeline.trajectories import (
     FORMAT_HDF5,
     FORMAT_SEGMENTS,

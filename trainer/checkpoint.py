@@ -4,9 +4,18 @@ Two kinds, both written atomically (a temporary file in the same directory, then
 `os.replace`), so a crash leaves the previous file intact:
 
 - the training state `checkpoints/latest.pt`: everything `train(..., resume=True)` needs to
-  continue exactly (weights, EMA weights, optimizer, LR schedule, counters, RNG states);
-- the policy `final_policy.pt`: `{"config", "policy_state", "normalizer"}`, what
-  `DiffusionRGBPolicy` needs for inference (see `policy.py`).
+  continue exactly (weights, EMA weights, normalizer, optimizer, LR schedule, counters, RNG
+  states), the run's settings under "run_config" and the policy's under "policy_config";
+- the policy `final_policy.pt`, a file that describes itself:
+
+      format          "dprgb.policy/2", checked when loaded
+      config          the policy config (`policy.policy_config`): "model" (ModelConfig
+                      verbatim), obs_dim, action_dim, tasks, each task's action layout,
+                      the observation spec, the encoder record, the cache fingerprint, the run
+      policy_state    the head's weights (EMA)
+      normalizer      {"obs.scale", "obs.offset", "action.scale", "action.offset"}
+      encoder_state   the encoder's weights (the frozen one of the cache, or the finetuned one)
+      encoder_archive a TorchScript encoder's file bytes (uint8 tensor), for that kind only
 """
 
 from __future__ import annotations
@@ -19,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
 
-TRAIN_STATE_FORMAT = "dprgb.train_state/1"
-POLICY_FORMAT = "dprgb.policy/1"
-TRAIN_STATE_KEYS = ("format", "config", "policy_config", "model", "ema_model", "optimizer",
-                    "lr_scheduler", "step", "epoch", "epoch_step", "rng")
-POLICY_KEYS = ("config", "policy_state", "normalizer")
+TRAIN_STATE_FORMAT = "dprgb.train_state/2"
+POLICY_FORMAT = "dprgb.policy/2"
+TRAIN_STATE_KEYS = ("format", "run_config", "policy_config", "model", "ema_model", "normalizer",
+                    "optimizer", "lr_scheduler", "step", "epoch", "epoch_step", "rng")
+POLICY_KEYS = ("format", "config", "policy_state", "normalizer", "encoder_state")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -99,42 +108,52 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator])
 # ---- the two checkpoint kinds ---------------------------------------------------------------
 
 
-def save_train_state(path: Path, *, config: dict, policy_config: dict, model: dict,
-                     ema_model: dict, optimizer: dict, lr_scheduler: dict, step: int, epoch: int,
-                     epoch_step: int, rng: dict, extra: dict | None = None) -> None:
-    """Write `checkpoints/latest.pt`.
+def save_train_state(path: Path, **state: Any) -> None:
+    """Write `checkpoints/latest.pt` from the TRAIN_STATE_KEYS (but "format").
 
     (epoch, epoch_step) is where training continues: `epoch_step` optimizer steps of
     `epoch` are done, and `rng["generators"]["shuffle_epoch_start"]` regenerates that
     epoch's window permutation.
     """
-    atomic_save({
-        "format": TRAIN_STATE_FORMAT, "config": config, "policy_config": policy_config,
-        "model": model, "ema_model": ema_model, "optimizer": optimizer,
-        "lr_scheduler": lr_scheduler, "step": int(step), "epoch": int(epoch),
-        "epoch_step": int(epoch_step), "rng": rng, **(extra or {}),
-    }, path)
+    assert set(state) == set(TRAIN_STATE_KEYS) - {"format"}, sorted(set(state) ^ set(TRAIN_STATE_KEYS))
+    atomic_save({"format": TRAIN_STATE_FORMAT, **state}, path)
 
 
 def load_train_state(path: Path) -> dict[str, Any]:
-    state = load(path, TRAIN_STATE_KEYS, "training checkpoint")
-    if state["format"] != TRAIN_STATE_FORMAT:
-        raise DprgbError(f"training checkpoint format {state['format']!r}, "
-                         f"expected {TRAIN_STATE_FORMAT!r}", path=path)
-    return state
+    return _checked(load(path, ("format",), "training checkpoint"), TRAIN_STATE_FORMAT, TRAIN_STATE_KEYS,
+                    "training checkpoint", path)
 
 
 def save_policy(path: Path, *, config: dict, policy_state: dict[str, torch.Tensor],
-                normalizer: dict[str, torch.Tensor], extra: dict | None = None) -> None:
-    """Write `final_policy.pt`: CPU tensors and a plain config."""
-    atomic_save({
+                normalizer: dict[str, torch.Tensor], encoder: torch.nn.Module) -> None:
+    """Write `final_policy.pt`: CPU tensors, a plain config, the encoder as data."""
+    obj = {
         "format": POLICY_FORMAT,
         "config": plain(config),
         "policy_state": {k: v.detach().cpu() for k, v in policy_state.items()},
         "normalizer": {k: v.detach().cpu() for k, v in normalizer.items()},
-        **(extra or {}),
-    }, path)
+        "encoder_state": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+    }
+    archive = getattr(encoder, "archive", b"")
+    if archive:
+        obj["encoder_archive"] = torch.frombuffer(bytearray(archive), dtype=torch.uint8)
+    atomic_save(obj, path)
 
 
 def load_policy(path: Path) -> dict[str, Any]:
-    return load(path, POLICY_KEYS, "policy checkpoint")
+    """A `final_policy.pt`, its format version checked; "encoder_archive" as bytes."""
+    obj = _checked(load(path, ("format",), "policy file"), POLICY_FORMAT, POLICY_KEYS, "policy file", path)
+    if "encoder_archive" in obj:
+        obj["encoder_archive"] = obj["encoder_archive"].numpy().tobytes()
+    return obj
+
+
+def _checked(obj: dict[str, Any], expected: str, keys: tuple[str, ...], what: str,
+             path: Path) -> dict[str, Any]:
+    if obj["format"] != expected:
+        raise DprgbError(f"{what} format {obj['format']!r} is not {expected!r}, the one this dprgb "
+                         "reads (made by another dprgb version?)", path=path)
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise DprgbError(f"not a {what}: missing keys {missing}", path=path)
+    return obj

@@ -1,124 +1,117 @@
-"""Offline evaluation of a `final_policy.pt` on its held-out episodes.
+"""Held-out episodes: sampled actions against the recorded ones, one computation for the
+training loop's validation and for `dprgb eval`.
 
-For every window start of every held-out episode the policy samples an action chunk from
-the window's observations; the executed actions (Ta steps from the latest observation) are
-compared with the recorded ones. The baseline predicts the mean training action everywhere,
-so `ratio` < 1 means the policy explains more than the average pose.
+For every window of every held-out episode the policy samples an action chunk from the
+window's observations (its inference scheduler, fixed seed, fixed batches, float32); the
+executed actions (Ta steps from the latest observation) are compared with the recorded ones.
+So validation at a run's last step and `dprgb eval` of its `final_policy.pt` on the same
+episodes give the same numbers. The baseline predicts the mean training action everywhere:
+`ratio` < 1 means the policy explains more than the average pose.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dprgb.cache.reader import CachedGroup
-from dprgb.pipeline.errors import DprgbError
-from dprgb.trainer.checkpoint import load_policy
 from dprgb.trainer.policy import DiffusionRGBPolicy
-from dprgb.trainer.train import split_episodes
-from dprgb.trainer.windows import window_episodes, window_rows
+
+EVAL_SEED = 0  # the sampling noise of every held-out evaluation
+EVAL_BATCH = 256  # windows per sampling call (the noise draws depend on it)
 
 
-def held_out_episodes(config: dict[str, Any], group: CachedGroup, path: Path) -> np.ndarray:
-    """Group episode ids of the checkpoint's recorded (task, episode) pairs, or the split."""
-    if "val_episodes" not in config:
-        return split_episodes(group, int(config.get("val_episodes_per_task", 1)))[1]
-    by_key = {(group.tasks[int(t)], int(i)): e
-              for e, (t, i) in enumerate(zip(group.episode_task, group.episode_index, strict=True))}
-    ids = []
-    for task, index in config["val_episodes"]:
-        if (task, int(index)) not in by_key:
-            raise DprgbError(f"held-out episode {index} of task {task} is not in this cache",
-                             path=path)
-        ids.append(by_key[(task, int(index))])
-    return np.asarray(sorted(ids), dtype=np.int64)
+@dataclass
+class HeldOut:
+    """A group's held-out windows with observation vectors in data units."""
+
+    obs: torch.Tensor  # (N, D) observation vector of every row (rows of other episodes unused)
+    actions: torch.Tensor  # (N, A)
+    rows: torch.Tensor  # (W, H) rows of every window (WindowIndex.rows)
+    ids: torch.Tensor  # (W_val,) the held-out windows
+    tasks: list[str]  # (W_val,) task of each held-out window
+    episodes: np.ndarray  # (W_val,) group episode id of each held-out window
 
 
 @torch.no_grad()
-def evaluate(checkpoint: Path, group: CachedGroup, *, plot_dir: Path | None = None,
-             num_inference_steps: int | None = None, device: str = "cpu",
-             batch_size: int = 256, seed: int = 0) -> dict[str, Any]:
-    """Per task: MSE of sampled executed actions vs the recorded ones, and the baseline's."""
-    checkpoint = Path(checkpoint)
-    ckpt = load_policy(checkpoint)
-    config = ckpt["config"]
-    policy = DiffusionRGBPolicy(config)
-    policy.load_state_dict(ckpt["policy_state"])
-    policy.set_normalizer(ckpt["normalizer"])
-    policy = policy.to(device).eval()
-    fingerprint = config.get("cache_fingerprint")
-    if fingerprint is not None and fingerprint != group.fingerprint:
-        raise DprgbError(f"the policy was trained on cache {fingerprint}, this cache is "
-                         f"{group.fingerprint}", path=checkpoint)
-    if (group.obs_dim, group.action_dim) != (policy.obs_dim, policy.action_dim):
-        raise DprgbError(f"the policy expects obs_dim {policy.obs_dim}, action_dim "
-                         f"{policy.action_dim}; the cache has {group.obs_dim}, {group.action_dim}",
-                         path=checkpoint)
-
-    val_eps = held_out_episodes(config, group, checkpoint)
-    if "train_action_mean" in config:
-        mean_action = torch.tensor(config["train_action_mean"], dtype=torch.float32)
-    else:  # older checkpoints: recompute from the training episodes
-        train_rows = np.repeat(~np.isin(np.arange(len(group.episode_ends)), val_eps),
-                               np.diff(group.episode_ends, prepend=0))
-        mean_action = torch.as_tensor(group.actions[train_rows]).float().mean(0)
-    mean_action = mean_action.to(device)
-
+def sample_heldout(policy: DiffusionRGBPolicy, held: HeldOut) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, recorded) executed actions, (W_val, Ta, A) each, in data units."""
     To, Ta = policy.n_obs_steps, policy.n_action_steps
-    pads = (policy.horizon, To - 1, Ta - 1)
-    rows = torch.as_tensor(window_rows(group.episode_ends, *pads)).to(device)  # (W, H)
-    w_episode = window_episodes(group.episode_ends, *pads)  # (W,)
-    features = torch.as_tensor(group.features).to(device, torch.float32)  # (N, D)
-    actions = torch.as_tensor(group.actions).to(device, torch.float32)  # (N, A)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=held.obs.device).manual_seed(EVAL_SEED)
+    preds = []
+    for chunk in held.ids.split(EVAL_BATCH):
+        obs = held.obs[held.rows[chunk, :To]]  # (b, To, D)
+        preds.append(policy.predict_action({"obs": obs}, generator=generator)["action"].float())
+    truth = held.actions[held.rows[held.ids, To - 1:To - 1 + Ta]]  # (W_val, Ta, A)
+    return torch.cat(preds), truth
 
+
+def per_task_mean(values: torch.Tensor, tasks: list[str]) -> dict[str, torch.Tensor]:
+    """Mean over each task's windows of `values` (W_val, ...), tasks in first-seen order."""
+    names = np.asarray(tasks)
+    return {task: values[torch.from_numpy(names == task).to(values.device)].mean(0)
+            for task in dict.fromkeys(tasks)}
+
+
+@torch.no_grad()
+def validation_metrics(policy: DiffusionRGBPolicy, held: HeldOut, seed: int) -> dict[str, float]:
+    """The training loop's validation: the denoising loss on held-out windows, and the MSE of
+    sampled executed actions, normalised and in data units, overall and per task."""
+    pred, truth = sample_heldout(policy, held)
+    norm = policy.get_normalizer()
+    se_raw = (pred - truth).square().mean((1, 2))  # (W_val,)
+    se = (norm.normalize("action", pred) - norm.normalize("action", truth)).square().mean((1, 2))
+    g = torch.Generator(device=held.obs.device).manual_seed(seed + 1)
+    loss, To = 0.0, policy.n_obs_steps
+    for chunk in held.ids.split(EVAL_BATCH):
+        nobs = norm.normalize("obs", held.obs[held.rows[chunk, :To]])
+        naction = norm.normalize("action", held.actions[held.rows[chunk]])
+        loss += policy.compute_loss(nobs, naction, generator=g).item() * len(chunk)
+    metrics = {"val_loss": loss / len(held.ids), "val_action_mse": se.mean().item(),
+               "val_action_mse_raw": se_raw.mean().item()}
+    for task, value in per_task_mean(se_raw, held.tasks).items():
+        metrics[f"val_action_mse_raw/{task}"] = value.item()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(policy: DiffusionRGBPolicy, held: HeldOut, episodes: dict[str, list[int]], *,
+             plot_dir: Path | None = None) -> dict[str, Any]:
+    """Per task: MSE of sampled executed actions vs the recorded ones, and the baseline's.
+    `episodes`: task -> its held-out source episode numbers (for the report)."""
+    pred, truth = sample_heldout(policy, held)
+    mean_action = torch.tensor(policy.config["run"]["train_action_mean"], device=truth.device)
+    mse_joint = per_task_mean((pred - truth).square().mean(1), held.tasks)  # task -> (A,)
+    base_joint = per_task_mean((truth - mean_action).square().mean(1), held.tasks)
+    names = np.asarray(held.tasks)
     results: dict[str, Any] = {}
-    for task_id in np.unique(group.episode_task[val_eps]):
-        task = group.tasks[int(task_id)]
-        task_eps = val_eps[group.episode_task[val_eps] == task_id]
-        ids = torch.as_tensor(np.flatnonzero(np.isin(w_episode, task_eps))).to(device)
-        if len(ids) == 0:
-            continue  # held-out episodes too short for a single window
-        preds = []
-        for chunk in ids.split(batch_size):
-            obs = features[rows[chunk, :To]]  # (b, To, D)
-            out = policy.predict_action({"obs": obs}, num_inference_steps=num_inference_steps,
-                                        generator=generator)
-            preds.append(out["action"])  # (b, Ta, A)
-        pred = torch.cat(preds)  # (W_task, Ta, A)
-        truth = actions[rows[ids, To - 1:To - 1 + Ta]]  # (W_task, Ta, A)
-        mse_joint = (pred - truth).square().mean((0, 1))  # (A,)
-        base_joint = (truth - mean_action).square().mean((0, 1))  # (A,)
-        mse, base = mse_joint.mean().item(), base_joint.mean().item()
+    for task in mse_joint:
+        mse, base = mse_joint[task].mean().item(), base_joint[task].mean().item()
         results[task] = {
             "mse": mse,
             "baseline_mse": base,
             "ratio": mse / base if base > 0 else float("inf"),
-            "mse_per_joint": mse_joint.tolist(),
-            "baseline_mse_per_joint": base_joint.tolist(),
-            "episodes": [int(group.episode_index[e]) for e in task_eps],
-            "windows": len(ids),
+            "mse_per_joint": mse_joint[task].tolist(),
+            "baseline_mse_per_joint": base_joint[task].tolist(),
+            "episodes": episodes[task],
+            "windows": int((names == task).sum()),
         }
-        if plot_dir is not None:
-            # one episode: at each step, the first executed action vs the recorded one
-            first = w_episode[ids.cpu().numpy()] == task_eps[0]
-            step_rows = rows[ids[first], To - 1].cpu().numpy()  # (S,) latest-obs row
-            start = int(group.episode_starts[task_eps[0]])
-            plot_episode(Path(plot_dir) / f"{_safe(task)}.png",
-                         steps=step_rows - start,
-                         predicted=pred[torch.as_tensor(first, device=pred.device), 0].cpu().numpy(),
-                         true=actions[torch.as_tensor(step_rows, device=device)].cpu().numpy(),
-                         title=f"{task} episode {int(group.episode_index[task_eps[0]])}")
+        if plot_dir is not None:  # the task's first held-out episode, window by window
+            mine = np.flatnonzero(names == task)
+            shown = torch.from_numpy(mine[held.episodes[mine] == held.episodes[mine[0]]])
+            plot_episode(Path(plot_dir) / f"{_safe(task)}.png", predicted=pred[shown, 0].cpu().numpy(),
+                         true=truth[shown, 0].cpu().numpy(),
+                         title=f"{task} episode {episodes[task][0]}")
     return {"tasks": results}
 
 
-def plot_episode(path: Path, *, steps: np.ndarray, predicted: np.ndarray, true: np.ndarray,
-                 title: str) -> None:
-    """One subplot per joint: recorded (solid) and predicted (dashed) action over time."""
+def plot_episode(path: Path, *, predicted: np.ndarray, true: np.ndarray, title: str) -> None:
+    """One subplot per joint: recorded (solid) and predicted (dashed) first executed action
+    of each window, i.e. at each step of the episode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +122,7 @@ def plot_episode(path: Path, *, steps: np.ndarray, predicted: np.ndarray, true: 
     nrows = -(-A // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.2 * nrows), squeeze=False,
                              sharex=True)
+    steps = np.arange(len(true))
     for j, ax in enumerate(axes.flat):
         if j >= A:
             ax.axis("off")

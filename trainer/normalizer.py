@@ -139,3 +139,12 @@ class LinearNormalizer:
         normalizer = cls()
         normalizer.load_state_dict(state)
         return normalizer
+
+
+def fit_policy_normalizer(obs: torch.Tensor, actions: torch.Tensor,
+                          obs_normalization: str) -> LinearNormalizer:
+    """A policy's normalizer from training rows: obs (N, D) per `obs_normalization` (identity,
+    minmax, standardize), actions (N, A) min-max to [-1, 1]."""
+    fit_obs = {"identity": lambda x: identity(x.shape[-1]), "minmax": fit_minmax,
+               "standardize": fit_standardize}[obs_normalization]
+    return LinearNormalizer({"obs": fit_obs(obs), "action": fit_minmax(actions)}).to(obs.device)

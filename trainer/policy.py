@@ -14,14 +14,13 @@ Inference, as the seed guide writes it:
 
 A policy can also hold the frame encoder (`policy.encoder`), so that it acts on raw feature
 maps: `predict_action({"features": {backbone: (B, To, Hf, Wf, C)}})` encodes each of the To
-frames (B*To, D), then goes on as for `obs`. A finetuned checkpoint holds its encoder
-(`config["encoder"]` says how to rebuild it, `policy_state` has its `encoder.*` weights); a
-cache-trained one gets the frozen encoder it was cached with through
-`from_checkpoint(path, encoder=...)` or `set_encoder`.
+frames (B*To, D), then goes on as for `obs`. Every policy file carries the encoder its head
+consumes (the frozen one of its cache, or the finetuned one): `from_checkpoint(path)` attaches
+it. The module itself never reads a file or builds an encoder: it is handed one.
 
-The normalizer lives in the module as buffers (`normalizer.obs.scale`, ...), so `.to(device)`
-moves it and `policy_state` alone already restores it; `set_normalizer` writes the same
-values again (and is what a freshly built policy needs before training).
+The normalizer lives in the module as buffers (`normalizer.obs.scale`, ...) so that
+`.to(device)` moves it; they are not part of `state_dict()` (the file stores them once, under
+"normalizer"): `set_normalizer` loads them.
 """
 
 from __future__ import annotations
@@ -34,29 +33,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dprgb.pipeline.encoders import load_encoder
-from dprgb.pipeline.errors import DprgbError
-from dprgb.trainer.checkpoint import load_policy
-from dprgb.trainer.config import TrainConfig
+from dprgb.errors import DprgbError
+from dprgb.trainer.config import ModelConfig
 from dprgb.trainer.normalizer import LinearNormalizer
 from dprgb.trainer.schedulers import DDIMScheduler, DDPMScheduler
 from dprgb.trainer.unet import ConditionalUnet1D
 
-# TrainConfig options that shape the model or its sampling; with obs_dim and action_dim they
-# rebuild the policy without the training config.
-MODEL_KEYS = (
-    "horizon", "n_obs_steps", "n_action_steps", "down_dims", "kernel_size", "n_groups",
-    "diffusion_step_embed_dim", "cond_predict_scale", "num_train_timesteps", "beta_schedule",
-    "prediction_type", "clip_sample", "inference_scheduler", "num_inference_steps",
-    "obs_normalization", "obs_encoder_dim",
-)
 NORMALIZER_FIELDS = ("obs", "action")
 
 
-def build_policy_config(cfg: TrainConfig, obs_dim: int, action_dim: int) -> dict[str, Any]:
-    """The model part of a checkpoint's `config`: plain JSON-able values."""
-    d = cfg.to_dict()
-    return {"obs_dim": int(obs_dim), "action_dim": int(action_dim), **{k: d[k] for k in MODEL_KEYS}}
+def policy_config(model: ModelConfig, obs_dim: int, action_dim: int, **record: Any) -> dict[str, Any]:
+    """A policy file's `config`: the model config verbatim, the sizes, and what the run
+    records about the data (tasks, layouts, observation spec, encoder, fingerprint, ...)."""
+    return {"model": model.to_dict(), "obs_dim": int(obs_dim), "action_dim": int(action_dim), **record}
 
 
 class _Affine(nn.Module):
@@ -64,41 +53,24 @@ class _Affine(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.register_buffer("scale", torch.ones(dim))
-        self.register_buffer("offset", torch.zeros(dim))
-
-
-def build_encoder(encoder_config: Mapping[str, Any]) -> nn.Module:
-    """The encoder skeleton a finetuned checkpoint's `config["encoder"]` describes (its weights
-    come from `policy_state`): rebuilt from the same spec and options as precompute's."""
-    spec = str(encoder_config["spec"])
-    try:
-        encoder, _ = load_encoder(spec, backbone_dims=dict(encoder_config["backbone_dims"]),
-                                  options=dict(encoder_config.get("options") or {}))
-    except DprgbError as err:
-        raise DprgbError(f"cannot rebuild the policy's encoder from {spec!r} ({err.problem}); pass "
-                         "the encoder module: from_checkpoint(path, encoder=...)",
-                         path=err.path) from None
-    return encoder
-
-
-def _encoder_is_frozen(encoder: nn.Module) -> bool:
-    return not any(p.requires_grad for p in encoder.parameters())
+        self.register_buffer("scale", torch.ones(dim), persistent=False)
+        self.register_buffer("offset", torch.zeros(dim), persistent=False)
 
 
 class DiffusionRGBPolicy(nn.Module):
     def __init__(self, config: Mapping[str, Any], encoder: nn.Module | None = None):
-        """`encoder`: the frame encoder to hold (finetune). Without it, a config with an
-        "encoder" entry (a finetuned checkpoint's) rebuilds one; otherwise there is none."""
+        """`config`: a policy file's config (see `policy_config`); `encoder`: the frame encoder
+        to hold, so that `predict_action` takes raw features (and finetune trains it)."""
         super().__init__()
         for key in ("obs_dim", "action_dim"):
             value = config.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DprgbError(f"policy config needs a positive int {key}: {key}={value!r}")
-        # Validate and default the model options with the training config's own rules.
-        cfg = TrainConfig.from_mapping({k: config[k] for k in MODEL_KEYS if k in config})
-        self.config: dict[str, Any] = {**dict(config), **build_policy_config(
-            cfg, config["obs_dim"], config["action_dim"])}
+        if not isinstance(config.get("model"), Mapping):
+            raise DprgbError("policy config has no `model` mapping (the ModelConfig)")
+        cfg = ModelConfig.from_mapping(config["model"])
+        self.config: dict[str, Any] = dict(config)
+        self.model_config = cfg
         self.obs_dim, self.action_dim = int(config["obs_dim"]), int(config["action_dim"])
         self.horizon, self.n_obs_steps = cfg.horizon, cfg.n_obs_steps
         self.n_action_steps = cfg.n_action_steps
@@ -128,32 +100,28 @@ class DiffusionRGBPolicy(nn.Module):
         self.noise_scheduler = DDPMScheduler(**sched)  # training: the forward process
         self.schedulers = {"ddpm": self.noise_scheduler, "ddim": DDIMScheduler(**sched)}
         self.register_module("encoder", None)
-        if encoder is None and config.get("encoder") is not None:
-            encoder = build_encoder(config["encoder"])
         if encoder is not None:
-            self._attach(encoder)
+            self.set_encoder(encoder)
 
     # ---- the frame encoder ----------------------------------------------------------------
 
-    def _attach(self, encoder: nn.Module) -> None:
+    def set_encoder(self, encoder: nn.Module) -> DiffusionRGBPolicy:
+        """Hold `encoder`, whose outputs are this head's observations. A frozen one (no
+        parameter requires grad) stays in eval mode, computing exactly what precompute did."""
         out_dim = getattr(encoder, "out_dim", None)
         if out_dim != self.obs_dim:
             raise DprgbError(f"the encoder gives {out_dim}-dim vectors; the policy takes "
                              f"obs_dim={self.obs_dim}")
-        self.encoder = encoder
-
-    def set_encoder(self, encoder: nn.Module) -> DiffusionRGBPolicy:
-        """Attach the frozen encoder whose outputs this head was trained on (a cache-trained
-        policy), so that `predict_action` accepts raw features. The caller vouches that it is
-        the encoder the cache was built with (`config["cache_fingerprint"]`)."""
-        self._attach(encoder.requires_grad_(False).eval())
-        ref = self.normalizer["obs"].scale
-        encoder.to(ref.device)
+        self.encoder = encoder.to(self.normalizer["obs"].scale.device)
         return self
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The state dict without the encoder's entries: a policy file's `policy_state`."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
 
     def train(self, mode: bool = True) -> DiffusionRGBPolicy:
         super().train(mode)
-        if self.encoder is not None and _encoder_is_frozen(self.encoder):
+        if self.encoder is not None and not any(p.requires_grad for p in self.encoder.parameters()):
             self.encoder.eval()  # a frozen encoder computes as in precompute (no dropout)
         return self
 
@@ -161,22 +129,19 @@ class DiffusionRGBPolicy(nn.Module):
         """{backbone: (N, Hf, Wf, C)} raw feature maps -> (N, D) observation vectors, in data
         units (not normalized). Maps are cast to float32 as precompute does."""
         if self.encoder is None:
-            raise DprgbError("this policy has no encoder: load it with "
-                             "DiffusionRGBPolicy.from_checkpoint(path, encoder=...) or set_encoder")
+            raise DprgbError("this policy holds no encoder: load it with "
+                             "DiffusionRGBPolicy.from_checkpoint(path) or call set_encoder")
         return self.encoder({name: x.float() for name, x in features.items()})
-
-    def observe(self, frames: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        """A finetune batch -> nobs (B, To, D): every distinct frame encoded once (U, D), then
-        each window's To frames picked by `index` (B, To) rows of U, then normalized."""
-        obs = self.encode(frames)[index]  # (U, D) -> (B, To, D)
-        return self.get_normalizer().normalize("obs", obs)
 
     def nobs_from(self, obs: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
         """The head's input (B, To, D), normalized. A tensor is already that (cache mode:
-        gathered from the normalized cache); {"frames", "index"} is a raw finetune batch."""
+        gathered from the normalized cache); {"frames", "index"} is a raw finetune batch:
+        every distinct frame encoded once (U, D), each window's To frames picked by `index`
+        (B, To) rows of U, then normalized."""
         if isinstance(obs, torch.Tensor):
             return obs
-        return self.observe(obs["frames"], obs["index"])
+        encoded = self.encode(obs["frames"])[obs["index"]]  # (U, D) -> (B, To, D)
+        return self.get_normalizer().normalize("obs", encoded)
 
     # ---- normalization ------------------------------------------------------------------
 
@@ -217,25 +182,30 @@ class DiffusionRGBPolicy(nn.Module):
         return self.obs_encoder(nobs).flatten(1)
 
     def forward(self, obs: torch.Tensor | Mapping[str, Any], naction: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None,
+                shard: tuple[int, int, int] | None = None) -> torch.Tensor:
         """The training loss; `forward` so that DDP and torch.compile wrap it (and DDP sees the
         encoder's gradients in finetune mode). obs: see `nobs_from`."""
-        return self.compute_loss(self.nobs_from(obs), naction, generator=generator)
+        return self.compute_loss(self.nobs_from(obs), naction, generator=generator, shard=shard)
 
     def compute_loss(self, nobs: torch.Tensor, naction: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoising MSE on normalized data: nobs (B, To, D), naction (B, H, A) -> scalar.
+                     generator: torch.Generator | None = None,
+                     shard: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Denoising MSE on normalized data: nobs (b, To, D), naction (b, H, A) -> scalar.
 
         Noise and timesteps are drawn from `generator` (on its own device, so a run on one
-        device draws the same stream every time) or from the global RNG.
+        device draws the same stream every time) or from the global RNG. `shard` = (start,
+        stop, B): these b rows are rows start:stop of a global batch of B, whose noise is drawn
+        whole, so that data-parallel ranks together draw what one process draws.
         """
-        B = naction.shape[0]
+        start, stop, B = shard or (0, naction.shape[0], naction.shape[0])
         device = generator.device if generator is not None else naction.device
-        noise = torch.randn(naction.shape, generator=generator, device=device).to(naction.device)
+        noise = torch.randn((B, *naction.shape[1:]), generator=generator, device=device)
         timesteps = torch.randint(0, self.noise_scheduler.num_train_timesteps, (B,),
-                                  generator=generator, device=device).to(naction.device)
-        noisy = self.noise_scheduler.add_noise(naction, noise, timesteps)  # (B, H, A)
-        pred = self.model(noisy, timesteps, self.global_cond(nobs))  # (B, H, A)
+                                  generator=generator, device=device)
+        noise, timesteps = noise[start:stop].to(naction.device), timesteps[start:stop].to(naction.device)
+        noisy = self.noise_scheduler.add_noise(naction, noise, timesteps)  # (b, H, A)
+        pred = self.model(noisy, timesteps, self.global_cond(nobs))  # (b, H, A)
         target = noise if self.prediction_type == "epsilon" else naction
         return F.mse_loss(pred.float(), target.float())
 
@@ -317,18 +287,26 @@ class DiffusionRGBPolicy(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", *,
-                        encoder: nn.Module | None = None) -> DiffusionRGBPolicy:
-        """Rebuild from a `final_policy.pt` (loaded with weights_only=True), in eval mode.
+                        encoder: nn.Module | str | None = None) -> DiffusionRGBPolicy:
+        """Rebuild from a `final_policy.pt` alone (loaded with weights_only=True), in eval
+        mode, holding the encoder the file carries.
 
-        encoder: for a finetuned checkpoint, the module its encoder weights load into (default:
-        rebuilt from `config["encoder"]`); for a cache-trained one, the frozen encoder the cache
-        was built with, attached as is, so that `predict_action` accepts raw features.
+        encoder: only for a plugin encoder, which a policy file never imports: the module to
+        load the file's encoder weights into, or the "module:factory" that makes it (called
+        with the options the file records). Given for another kind, it replaces the rebuilt one.
         """
+        from dprgb.pipeline.encoders import build_plugin, rebuild_encoder
+        from dprgb.trainer.checkpoint import load_policy
+
         ckpt = load_policy(Path(path))
-        finetuned = ckpt["config"].get("encoder") is not None
-        policy = cls(ckpt["config"], encoder=encoder if finetuned else None)
+        policy = cls(ckpt["config"])
         policy.load_state_dict(ckpt["policy_state"])
         policy.set_normalizer(ckpt["normalizer"])
-        if encoder is not None and not finetuned:
-            policy.set_encoder(encoder)
-        return policy.to(device).eval()
+        record = ckpt["config"]["encoder"]
+        if isinstance(encoder, str):
+            encoder = build_plugin(encoder, record.get("fingerprint_options", {}).get("kwargs", {}))
+        try:
+            module = rebuild_encoder(record, ckpt["encoder_state"], ckpt.get("encoder_archive"), encoder)
+        except DprgbError as err:
+            raise DprgbError(err.problem, path=path) from None
+        return policy.set_encoder(module).to(device).eval()

@@ -55,14 +55,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig
-from dprgb.pipeline.episodes import Episode, TaskScan, check_usable, episodes_from_scan
-from dprgb.pipeline.errors import DprgbError
-from dprgb.pipeline.precompute import EpisodeJob, open_job_episode, plan_jobs
-from dprgb.trainer.config import TrainConfig
+from dprgb.pipeline.encoding import encode_steps
+from dprgb.pipeline.episodes import (
+    Episode,
+    EpisodeJob,
+    TaskScan,
+    check_usable,
+    episodes_from_scan,
+    open_job_episode,
+    plan_jobs,
+)
+from dprgb.trainer.cache_source import window_tasks
+from dprgb.trainer.config import FinetuneConfig
+from dprgb.trainer.distributed import DistInfo, rank_shard
+from dprgb.trainer.evaluate import HeldOut
 from dprgb.trainer.normalizer import LinearNormalizer
-from dprgb.trainer.train import DistInfo, rank_shard
-from dprgb.trainer.windows import window_episodes, window_rows, windows_per_episode
+from dprgb.trainer.windows import WindowIndex, windows_per_episode
 
 
 @dataclass
@@ -76,8 +86,7 @@ class RawGroup:
     episode_ends: np.ndarray  # (E,) int64
     episode_task: np.ndarray  # (E,) int64
     episode_index: np.ndarray  # (E,) int64
-    action_layout: dict
-    frame_shapes: dict[str, tuple[int, int, int]]  # backbone -> (Hf, Wf, C), root order
+    action_layouts: dict[str, dict]  # task -> its action layout
 
     @property
     def action_dim(self) -> int:
@@ -87,18 +96,15 @@ class RawGroup:
 def raw_group(cfg: DataConfig, scans: list[TaskScan]) -> RawGroup:
     """The episodes of `scans` (one per task, in group order) through the one alignment."""
     jobs, actions, task_of, index_of = [], [], [], []
-    frame_shapes: dict[str, tuple[int, int, int]] = {}
     for task_id, scan in enumerate(scans):
         check_usable(cfg, scan)
         episodes: list[Episode] = episodes_from_scan(cfg, scan)
-        for job, episode in zip(plan_jobs(cfg, scan), episodes, strict=True):
+        for job, episode in zip(plan_jobs(scan), episodes, strict=True):
             assert job.episode == episode.index, (job.episode, episode.index)
             jobs.append(job)
             actions.append(episode.actions)
             task_of.append(task_id)
             index_of.append(episode.index)
-            for name, store in episode.features.items():
-                frame_shapes.setdefault(name, tuple(int(d) for d in store.frame_shape))
     if not jobs:
         raise DprgbError(f"no episode to train on in tasks {[scan.task for scan in scans]}")
     dims = {scan.task: scan.layout.dim for scan in scans}
@@ -111,8 +117,7 @@ def raw_group(cfg: DataConfig, scans: list[TaskScan]) -> RawGroup:
         episode_ends=np.cumsum([len(a) for a in actions]).astype(np.int64),
         episode_task=np.asarray(task_of, dtype=np.int64),
         episode_index=np.asarray(index_of, dtype=np.int64),
-        action_layout=scans[0].layout.to_dict(),
-        frame_shapes=frame_shapes,
+        action_layouts={scan.task: scan.layout.to_dict() for scan in scans},
     )
 
 
@@ -128,13 +133,13 @@ class RawWindows(Dataset):
     episode; at most `max_open` episodes stay open per process.
     """
 
-    def __init__(self, jobs: list[EpisodeJob], episode_lengths: np.ndarray, horizon: int,
-                 n_obs_steps: int, n_action_steps: int, max_open: int = 16):
+    def __init__(self, jobs: list[EpisodeJob], episode_lengths: np.ndarray, index: WindowIndex,
+                 n_obs_steps: int, max_open: int = 16):
         self.jobs = list(jobs)
-        self.pads = (horizon, n_obs_steps - 1, n_action_steps - 1)  # window_rows' arguments
+        self.index = index
         self.n_obs_steps = n_obs_steps
         self.lengths = np.asarray(episode_lengths, dtype=np.int64)
-        counts = windows_per_episode(np.cumsum(self.lengths), *self.pads)  # (E,)
+        counts = windows_per_episode(np.cumsum(self.lengths), *index.pads)  # (E,)
         self.first_window = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (E+1,)
         self.max_open = max_open
         self._open: OrderedDict[int, tuple[Episode, np.ndarray]] = OrderedDict()
@@ -155,7 +160,7 @@ class RawWindows(Dataset):
             raise DprgbError(f"episode has {len(episode.steps)} aligned steps now, "
                              f"{self.lengths[e]} when training started (did its files change?)",
                              path=self.jobs[e].trajectory, episode=self.jobs[e].episode)
-        rows = window_rows(self.lengths[e:e + 1], *self.pads)  # (W_e, H) in 0 .. L_e - 1
+        rows = self.index.episode_rows(int(self.lengths[e]))  # (W_e, H) in 0 .. L_e - 1
         assert len(rows) == self.first_window[e + 1] - self.first_window[e]
         self._open[e] = (episode, rows)
         if len(self._open) > self.max_open:
@@ -256,29 +261,17 @@ class _Plan(Sampler):
 
 
 class StreamSource:
-    """The finetune window source for `run_training` (cf. `DeviceData` in cache mode)."""
+    """The finetune window source for `run_training` (cf. `CacheSource` in cache mode)."""
 
-    def __init__(self, group: RawGroup, train_mask: np.ndarray, cfg: TrainConfig,
-                 normalizer: LinearNormalizer, device: torch.device):
-        pads = (cfg.horizon, cfg.n_obs_steps - 1, cfg.n_action_steps - 1)
-        w_episode = window_episodes(group.episode_ends, *pads)  # (W,)
-        is_train = train_mask[w_episode]
-        if not is_train.any():
-            lengths = np.diff(group.episode_ends, prepend=0)
-            raise DprgbError(
-                f"no training window: every training episode is shorter than a window "
-                f"(horizon {cfg.horizon} with {pads[1]} + {pads[2]} padding rows); episode "
-                f"lengths {sorted(set(lengths.tolist()))[:10]}"
-            )
-        self.train_ids = torch.from_numpy(np.flatnonzero(is_train))
-        self.val_ids = torch.from_numpy(np.flatnonzero(~is_train))
-        self.val_tasks = [group.tasks[int(t)] for t in group.episode_task[w_episode[~is_train]]]
-        self.block_first, self.block_length = training_blocks(
-            self.train_ids.numpy(), w_episode, cfg.block_windows)
+    def __init__(self, group: RawGroup, index: WindowIndex, normalizer: LinearNormalizer,
+                 cfg: FinetuneConfig, seed: int, n_obs_steps: int, device: torch.device):
+        self.group, self.index = group, index
+        self.train_ids = torch.from_numpy(index.train_ids)
+        self.block_first, self.block_length = training_blocks(index.train_ids, index.window_episode,
+                                                              cfg.block_windows)
         self.normalizer = normalizer  # fixed while the encoder trains (see finetune.py)
         self.device = device
-        self.dataset = RawWindows(group.jobs, np.diff(group.episode_ends, prepend=0),
-                                  cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps)
+        self.dataset = RawWindows(group.jobs, np.diff(group.episode_ends, prepend=0), index, n_obs_steps)
         self.plan = _Plan()
         workers = cfg.num_workers
         self.loader = DataLoader(
@@ -286,32 +279,28 @@ class StreamSource:
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
             # its own generator: creating iterators must not draw from the global RNG
-            generator=torch.Generator().manual_seed(cfg.seed),
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
         return blocked_order(self.block_first, self.block_length, generator)
 
-    def read(self, items: list[np.ndarray]) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
-        """Micro-batches `items` (window id arrays) -> ({"frames", "index"}, naction, action),
-        on the device."""
-        self.plan.items = items
+    def train_batches(self, order: torch.Tensor, first: int, stop: int, batch_size: int,
+                      dinfo: DistInfo) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        """This rank's micro-batches `first` .. `stop` - 1 of `order` (see `rank_shard`):
+        ({"frames", "index"}, naction (b, H, A)) on the device."""
+        self.plan.items = [rank_shard(order, k, batch_size, dinfo).numpy() for k in range(first, stop)]
         for batch in self.loader:
             raise_worker_error(batch)
             frames = {k: v.to(self.device, non_blocking=True) for k, v in batch["frames"].items()}
             action = batch["action"].to(self.device, non_blocking=True)  # (b, H, A)
             obs = {"frames": frames, "index": batch["index"].to(self.device, non_blocking=True)}
-            yield obs, self.normalizer.normalize("action", action), action
+            yield obs, self.normalizer.normalize("action", action)
 
-    def train_batches(self, order: torch.Tensor, first: int, stop: int, batch_size: int,
-                      dinfo: DistInfo) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """This rank's micro-batches `first` .. `stop` - 1 of `order` (see `rank_shard`)."""
-        items = [rank_shard(order, k, batch_size, dinfo).numpy() for k in range(first, stop)]
-        for obs, naction, _ in self.read(items):
-            yield obs, naction
-
-    def val_batches(self, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
-        return self.read([ids.numpy() for ids in self.val_ids.split(batch_size)])
+    def heldout(self, policy: torch.nn.Module) -> HeldOut:
+        """The held-out windows, their episodes encoded by `policy.encoder` (as `dprgb eval`
+        encodes a finetuned policy's episodes: `encode_steps`)."""
+        return encoded_heldout(policy, self.group, self.index, self.device)
 
     def close(self) -> None:
         """Stop the persistent workers."""
@@ -319,3 +308,22 @@ class StreamSource:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         self.loader._iterator = None
+
+
+def encoded_heldout(policy: torch.nn.Module, group: RawGroup, index: WindowIndex,
+                    device: torch.device, batch_frames: int = 32) -> HeldOut:
+    """HeldOut over raw features: only the held-out episodes are encoded (the other rows of
+    `obs` stay zero and are never read)."""
+    episodes = np.unique(index.window_episode[index.val_ids])
+    obs = torch.zeros(int(group.episode_ends[-1]), policy.obs_dim, device=device)
+    starts = np.diff(group.episode_ends, prepend=0)
+    starts = group.episode_ends - starts
+    for e in episodes:
+        vectors = encode_steps(policy.encoder.eval(), open_job_episode(group.jobs[e]),
+                               batch_frames=batch_frames, device=str(device))
+        obs[starts[e]:group.episode_ends[e]] = torch.from_numpy(vectors).to(device)
+    policy.train(policy.training)  # restores a trainable encoder's mode
+    return HeldOut(obs, torch.as_tensor(group.actions).to(device), torch.as_tensor(index.rows).to(device),
+                   torch.as_tensor(index.val_ids).to(device),
+                   window_tasks(group.tasks, group.episode_task, index, index.val_ids),
+                   index.window_episode[index.val_ids])

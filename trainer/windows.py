@@ -11,8 +11,12 @@ device, so a batch is `features[rows[ids]]`: one gather, no per-sample Python.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+from dprgb.errors import DprgbError
 
 
 def _check_episode_ends(episode_ends: np.ndarray) -> np.ndarray:
@@ -85,3 +89,58 @@ def gather_windows(features: torch.Tensor, actions: torch.Tensor, rows: torch.Te
     """
     idx = rows[window_ids]  # (B, H)
     return features[idx[:, :n_obs_steps]], actions[idx]
+
+
+def split_episodes(episode_task: np.ndarray, episode_index: np.ndarray,
+                   val_per_task: int) -> np.ndarray:
+    """(E,) bool train mask: the last `val_per_task` episodes (by source episode index) of
+    every task are held out; a task with `val_per_task` episodes or fewer keeps all of them
+    for training."""
+    train_mask = np.ones(len(episode_task), dtype=bool)
+    if val_per_task > 0:
+        for task in np.unique(episode_task):
+            eps = np.flatnonzero(episode_task == task)
+            if len(eps) > val_per_task:
+                order = eps[np.argsort(episode_index[eps], kind="stable")]
+                train_mask[order[-val_per_task:]] = False
+    return train_mask
+
+
+@dataclass
+class WindowIndex:
+    """Every window of a group and the train/held-out split, computed once.
+
+    Episode e is rows `episode_ends[e-1]:episode_ends[e]`. A window is `horizon` rows with
+    `n_obs_steps - 1` padding rows before and `n_action_steps - 1` after (edge replication):
+    the executed actions of the first window start at the episode's first step.
+    """
+
+    rows: np.ndarray  # (W, H) int64 absolute rows of every window
+    window_episode: np.ndarray  # (W,) int64 episode of each window
+    train_ids: np.ndarray  # (W_train,) windows of training episodes
+    val_ids: np.ndarray  # (W_val,) windows of held-out episodes
+    pads: tuple[int, int, int]  # (horizon, pad_before, pad_after): window_rows' arguments
+
+    @classmethod
+    def build(cls, episode_ends: np.ndarray, train_mask: np.ndarray, horizon: int,
+              n_obs_steps: int, n_action_steps: int, *, for_training: bool = True) -> WindowIndex:
+        pads = (horizon, n_obs_steps - 1, n_action_steps - 1)
+        window_episode = window_episodes(episode_ends, *pads)
+        is_train = train_mask[window_episode]
+        if for_training and not is_train.any():
+            lengths = np.diff(episode_ends, prepend=0)
+            raise DprgbError(
+                f"no training window: every training episode is shorter than a window "
+                f"(horizon {horizon} with {pads[1]} + {pads[2]} padding rows); episode "
+                f"lengths {sorted(set(lengths.tolist()))[:10]}"
+            )
+        return cls(window_rows(episode_ends, *pads), window_episode, np.flatnonzero(is_train),
+                   np.flatnonzero(~is_train), pads)
+
+    def episode_rows(self, length: int) -> np.ndarray:
+        """(W_e, H) windows of one episode of `length` rows, as rows 0 .. length - 1."""
+        return window_rows(np.array([length]), *self.pads)
+
+    def windows_of(self, episodes: np.ndarray, among: np.ndarray) -> np.ndarray:
+        """The ids in `among` whose window belongs to one of `episodes`."""
+        return among[np.isin(self.window_episode[among], episodes)]

@@ -1,4 +1,4 @@
-"""Task and episode names (FORMATS.md section 1).
+"""Naming rules (FORMATS.md section 1): tasks, episodes, steps, backbones.
 
 Task: `<base>-<config>-<n>_<camera>`, e.g. `beat_block_hammer-demo_randomized-20_head_camera`.
 Episodes are `episode_0` in feature stores and `episode0` in trajectories: map by the integer.
@@ -10,11 +10,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dprgb.pipeline.errors import DprgbError
+from dprgb.errors import DprgbError
 
 _TASK_RE = re.compile(r"^(?P<base>[^-]+)-(?P<config>[^-]+)-(?P<n>\d+)_(?P<camera>.+)$")
 _EPISODE_RE = re.compile(r"^episode_?(?P<index>\d+)$")
-HEAD_CAMERA_SPELLINGS = ("head_camera", "sapien_head_camera")
+# The backbones dprgb knows by name. Per-frame models (croco, dinov3) give identical window
+# copies of a frame; the cross-frame ones (vggt, da3) see the whole window, so a frame's
+# copies differ and only the window that ends at the frame is free of future frames.
+KNOWN_BACKBONES = ("croco", "vggt", "dinov3", "da3")
+PER_FRAME_BACKBONES = ("croco", "dinov3")
+SLOT_POLICIES = ("causal", "any")
 
 
 @dataclass(frozen=True)
@@ -23,10 +28,6 @@ class TaskName:
     config: str  # demo_randomized or demo_clean
     n: int  # episode count the data set was labelled with (a label only: count files)
     camera: str  # head_camera, sapien_head_camera, left_camera, ...
-
-    @property
-    def is_head_camera(self) -> bool:
-        return self.camera in HEAD_CAMERA_SPELLINGS
 
 
 def parse_task_name(task: str) -> TaskName:
@@ -54,13 +55,20 @@ def step_from_frame_path(frame_path: str) -> int:
     return int(stem.split("step_")[-1])
 
 
-def backbone_from_root(root: str | Path) -> str:
-    """`features_croco_v2_encoder_dict_unified_zarr` -> `croco` (the word after `features_`)."""
-    name = Path(root).name
-    if not name.startswith("features_") or len(name.split("_")) < 2:
-        raise DprgbError(
-            "cannot tell the backbone from the directory name; name it in the config "
-            "(rgb_zarr_roots: [{backbone: vggt, path: ...}])",
-            path=root,
-        )
-    return name.split("_")[1]
+def backbone_from_root(root: str | Path) -> str | None:
+    """The backbone a feature root's name says, or None.
+
+    `.../features_croco_v2_encoder_dict_unified_zarr` -> `croco` (the word after `features_`);
+    a bare known name (`.../vggt`) is accepted too. The last path component that says one wins.
+    """
+    for part in reversed(Path(str(root).rstrip("/")).parts):
+        if part in KNOWN_BACKBONES:
+            return part
+        if part.startswith("features_") and part.split("_")[1]:
+            return part.split("_")[1]
+    return None
+
+
+def default_slot_policy(backbone: str) -> str:
+    """`any` where every window copy of a frame is the same, else `causal`."""
+    return "any" if backbone in PER_FRAME_BACKBONES else "causal"

@@ -1,0 +1,256 @@
+"""The YAML file, and the typed dataclass every concern's configuration is built on.
+
+    rgb_zarr_roots: [data/features_croco_encoder_dict_unified_zarr, ...]
+    traj_root: data/trajectories
+    epochs: 100
+    groups:
+      arm7: {tasks: [shake_bottle-demo_clean-20_head_camera], epochs: 200}
+
+The file is flat: top-level keys are the defaults, a group's keys override them, command-line
+flags override both. YAML anchors do not cross files, so inheritance across files is spelled
+`extends: base.yaml` (resolved relative to the extending file, which wins). Relative paths in
+a file are relative to that file.
+
+Each concern (data, encoder, precompute, model, training, finetune, device) has one `Config`
+dataclass in its own layer; `dprgb.app.KEY_OWNERS` maps each key to the one that owns it.
+A `Config` checks the type of every value when built and then runs its own `validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dprgb.errors import DprgbError
+
+# Keys whose values are paths, resolved relative to the file that names them.
+PATH_KEYS = ("traj_root", "cache_dir", "save_dir", "init_checkpoint")
+# Keys of the file's structure rather than of a concern.
+STRUCTURE_KEYS = ("groups", "group", "extends")
+
+
+# ---- the file ------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise DprgbError(f"cannot read config: {err.strerror}", path=path) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise DprgbError(f"not valid YAML: {' '.join(str(err).split())}", path=path) from None
+    if not isinstance(data, dict):
+        raise DprgbError("config must be a mapping of keys to values", path=path)
+    return data
+
+
+def _resolve_paths(mapping: dict, base_dir: Path) -> dict:
+    out = dict(mapping)
+    for key in PATH_KEYS:
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = str((base_dir / out[key]).resolve())
+    roots = out.get("rgb_zarr_roots")
+    if isinstance(roots, (str, dict)):
+        roots = [roots] if isinstance(roots, str) or "path" in roots else [{k: v} for k, v in roots.items()]
+    if isinstance(roots, list):
+        out["rgb_zarr_roots"] = [_resolve_root_entry(entry, base_dir) for entry in roots]
+    encoder = out.get("encoder")
+    if isinstance(encoder, str) and encoder.endswith((".pt", ".pth", ".ts")):
+        out["encoder"] = str((base_dir / encoder).resolve())
+    if isinstance(out.get("groups"), dict):
+        out["groups"] = {name: _resolve_paths(group or {}, base_dir) for name, group in out["groups"].items()}
+    return out
+
+
+def _resolve_root_entry(entry: Any, base_dir: Path) -> Any:
+    if isinstance(entry, str):
+        return str((base_dir / entry).resolve())
+    if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+        return {**entry, "path": str((base_dir / entry["path"]).resolve())}
+    if isinstance(entry, dict) and len(entry) == 1:  # {backbone: path}
+        ((backbone, path),) = entry.items()
+        return {"backbone": backbone, "path": str((base_dir / str(path)).resolve())}
+    return entry
+
+
+def load_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping with paths resolved and `extends:` applied."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise DprgbError("config `extends` chain loops back to itself", path=path)
+    data = _resolve_paths(_read_yaml(path), path.parent)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = load_config_file(path.parent / parent, (*_seen, path))
+    groups = {**base.get("groups", {}), **data.get("groups", {})}
+    merged = {**base, **data}
+    if groups:
+        merged["groups"] = groups
+    return merged
+
+
+def resolve_config(
+    path: str | Path | None,
+    group: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict:
+    """Defaults, then the named group's keys, then flags (None-valued flags are unset)."""
+    data = load_config_file(path) if path is not None else {}
+    groups = data.pop("groups", {}) or {}
+    merged = dict(data)
+    if group is not None and group in groups:
+        merged.update(groups[group] or {})
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    merged["groups"] = groups
+    merged["group"] = group
+    return merged
+
+
+def unknown_keys_error(unknown: Iterable[str], known: Iterable[str], source: str | None) -> DprgbError:
+    """One line naming every unknown key, each with the closest known one as a hint."""
+    known = sorted(known)
+    parts = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        parts.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return DprgbError(f"unknown config key(s) {', '.join(parts)}", path=source or None)
+
+
+# ---- the typed dataclass -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Config:
+    """Base of every concern's config: `from_mapping` takes the keys it owns from a resolved
+    mapping, every value is checked against its field's type, then `validate` runs."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field rules; raise DprgbError with the values (`f"{self.x=}"`)."""
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]):  # noqa: ANN206 - returns cls
+        """Build from a resolved YAML/CLI mapping; keys another concern owns are ignored."""
+        return cls(**{k: v for k, v in mapping.items() if k in cls.keys()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able values (tuples as lists, paths as strings)."""
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def coerce(name: str, value: Any, hint: Any) -> Any:
+    """`value` as type `hint` (bool, int, float, str, Path, tuple[...], list[...], dict, X | None).
+
+    YAML lists become tuples; numeric strings become floats (PyYAML reads `1e-4` as a
+    string); nothing else is converted: `"false"` is not a boolean.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(name, value, inner)
+    if hint is Any:
+        return value
+    bad = DprgbError(f"{name} must be {_type_name(hint)}, got {name}={value!r}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            return float(value)
+        except ValueError:
+            raise bad from None
+    elif hint is str:
+        if not isinstance(value, str):
+            raise bad
+    elif hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise bad
+        return Path(value)
+    elif origin is tuple or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        elems = args[:1] * len(value) if origin is list or args[-1] is Ellipsis else args
+        if len(elems) != len(value):
+            raise bad
+        out = [coerce(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, elems, strict=True))]
+        return tuple(out) if origin is tuple else out
+    elif origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise bad
+    elif isinstance(hint, type) and not isinstance(value, hint):
+        raise bad
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false (unquoted)", int: "an integer", float: "a number", str: "a string",
+             Path: "a path"}
+    if hint in names:
+        return names[hint]
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+# ---- the one concern every layer shares ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DeviceConfig(Config):
+    """Where models run: precompute's encoder, training, finetune, eval."""
+
+    device: str = "auto"  # auto (CUDA when there is one), cpu, cuda, cuda:N, mps
+
+    def validate(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise DprgbError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device=}")
+
+    def torch_device(self, local_rank: int = 0):  # noqa: ANN201 - torch.device, torch imported late
+        """The torch.device; `cuda` means this process's GPU (`local_rank` under torchrun)."""
+        import torch
+
+        name = self.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise DprgbError(f"CUDA is not available on this machine: {self.device=}")
+        return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)

@@ -1,0 +1,98 @@
+"""The frozen encoder as the pipeline runs it: built anywhere from a small spec, applied to
+an episode's aligned steps.
+
+`EncoderSpec` is everything a process needs to build the encoder itself (precompute's dask
+workers, finetune's start, the freshness check); `worker_encoder` builds it once per process;
+`encode_steps` is the one way frames become vectors, in batches under `inference_mode`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dprgb.config import DeviceConfig
+from dprgb.pipeline.config import EncoderConfig
+from dprgb.pipeline.encoders import encoder_fingerprint, load_encoder
+from dprgb.pipeline.episodes import Episode, TaskScan, first_stores
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything a worker needs to build the encoder itself (small, picklable)."""
+
+    spec: str
+    weights: str | None
+    options_json: str  # encoder_options as sorted JSON: hashable, whatever the values
+    backbone_dims: tuple  # ((backbone, C), ...) in root order
+    device: str
+    autocast: bool  # bf16 autocast on CUDA: changes the features, so part of the fingerprint
+    file_stamps: tuple  # (path, size, mtime_ns) of the encoder's files: a replaced file is a new key
+
+    def load(self) -> tuple[torch.nn.Module, dict]:
+        """(encoder on the device, the options its fingerprint hashes with the weights)."""
+        encoder, fingerprint_options = load_encoder(
+            self.spec,
+            backbone_dims=dict(self.backbone_dims),
+            weights=self.weights,
+            options=json.loads(self.options_json),
+        )
+        return encoder.to(self.device), {**fingerprint_options, "autocast_bf16": self.autocast}
+
+
+def encoder_spec(encoder: EncoderConfig, device: DeviceConfig, scans: list[TaskScan]) -> EncoderSpec:
+    """The spec of the configured encoder for the backbones the tasks' stores hold."""
+    dims = tuple((name, int(store.frame_shape[-1])) for name, store in first_stores(scans).items())
+    named = (encoder.encoder, encoder.encoder_weights)
+    files = [Path(f) for f in named if f is not None and Path(f).is_file()]
+    torch_device = device.torch_device()
+    return EncoderSpec(
+        spec=str(encoder.encoder),
+        weights=encoder.encoder_weights,
+        options_json=json.dumps(encoder.encoder_options, sort_keys=True),
+        backbone_dims=dims,
+        device=str(torch_device),
+        autocast=encoder.encoder_amp and torch_device.type == "cuda",
+        file_stamps=tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+    )
+
+
+# One encoder per process, shared by its threads (inference only).
+_ENCODERS: dict[EncoderSpec, tuple[torch.nn.Module, str, dict]] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def worker_encoder(spec: EncoderSpec) -> tuple[torch.nn.Module, str, dict]:
+    """(encoder, fingerprint, fingerprint options), built once per process and spec."""
+    with _ENCODERS_LOCK:
+        if spec not in _ENCODERS:
+            encoder, options = spec.load()
+            _ENCODERS[spec] = (encoder, encoder_fingerprint(encoder, options), options)
+        return _ENCODERS[spec]
+
+
+def encode_steps(
+    encoder: torch.nn.Module,
+    episode: Episode,
+    steps: np.ndarray | None = None,
+    *,
+    batch_frames: int = 32,
+    device: str = "cpu",
+    autocast: bool = False,
+) -> np.ndarray:
+    """(len(steps), D) float32: the encoder applied to each step's frames from the readers."""
+    steps = episode.steps if steps is None else np.asarray(steps)
+    out = []
+    use_autocast = autocast and torch.device(device).type == "cuda"
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
+        for start in range(0, len(steps), batch_frames):
+            frames = episode.read_frames(steps[start : start + batch_frames])
+            batch = {name: torch.from_numpy(x).to(device).float() for name, x in frames.items()}
+            out.append(encoder(batch).float().cpu().numpy())  # (B, D)
+            del frames, batch  # hold one batch of frames at a time, not two
+    return np.concatenate(out) if out else np.zeros((0, encoder.out_dim), np.float32)

@@ -1,0 +1,112 @@
+"""What a run tells: `config.yaml`, `metrics.jsonl`, the progress bar, wandb (offline) and
+TensorBoard when asked for and importable. Rank 0 reports; the other ranks get a silent one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from dprgb.trainer.config import TrainConfig
+
+
+class Reporter:
+    """The loop's one reporting object: the training loss summed on the device and read on
+    the host at log steps only; time spent validating or saving does not count as steps/s."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, run_config: dict, *, enabled: bool,
+                 progress: bool, total_steps: int, done_steps: int, device: torch.device):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.enabled, self.log_every = enabled, cfg.log_every_steps
+        self.console = Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[sps]} steps/s"), TimeRemainingColumn(),
+            console=self.console, disable=not (enabled and progress),
+        )
+        self.bar_task = self.bar.add_task("train", total=total_steps, completed=done_steps,
+                                          loss="-", lr="-", sps="-")
+        self.running_loss = torch.zeros((), device=device)
+        self.last_step, self.last_time = done_steps, time.perf_counter()
+        self.file = self.wandb = self.tb = None
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            self.file = open(out_dir / "metrics.jsonl", "a")
+            self._open_trackers(cfg, out_dir, run_config)
+
+    def _open_trackers(self, cfg: TrainConfig, out_dir: Path, run_config: dict) -> None:
+        if cfg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="dprgb", dir=str(out_dir), mode="offline", config=run_config)
+            except ImportError:
+                self.console.print("wandb is not installed; logging to metrics.jsonl only")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                self.console.print("tensorboard is not installed; logging to metrics.jsonl only")
+
+    def __enter__(self) -> Reporter:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.running_loss += loss.detach()
+
+    def log_train(self, step: int, epoch: int, lrs: list[float]) -> None:
+        """The mean loss since the last log step (the one host sync), lr, steps/s."""
+        now = time.perf_counter()
+        sps = (step - self.last_step) / (now - self.last_time)
+        mean_loss = self.running_loss.item() / (step - self.last_step)
+        self.running_loss.zero_()
+        record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lrs[0], "steps_per_s": sps}
+        if len(lrs) > 1:
+            record["encoder_lr"] = lrs[1]
+        self.log(record)
+        self.bar.update(self.bar_task, loss=f"{mean_loss:.4f}", lr=f"{lrs[0]:.2e}", sps=f"{sps:.1f}")
+        self.last_step, self.last_time = step, now
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        numbers = {k: v for k, v in record.items() if isinstance(v, float)}
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=record["step"])
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, record["step"])
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Validation and checkpoints inside do not count as training time."""
+        start = time.perf_counter()
+        yield
+        self.last_time += time.perf_counter() - start
+
+    def advance(self) -> None:
+        self.bar.update(self.bar_task, advance=1)
