@@ -312,6 +312,13 @@ DEMO_SETTINGS = {
 }
 
 
+def demo_data(out: Path, *, realistic: bool = False, **values: int | None) -> Path:
+    """`dprgb demo-data`: the data set under `out`; returns its dprgb.yaml."""
+    from dprgb.pipeline.demo_data import demo_spec, write_demo_data
+
+    return write_demo_data(out, demo_spec(realistic=realistic, **values))
+
+
 def demo(out: Path, *, spec: Any = None, progress: bool = True,
          say: Callable[[str], None] = print) -> dict[str, Any]:
     """demo data (real formats) -> inspect (groups from the data) -> precompute -> train every

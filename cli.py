@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dprgb import app as application
 from dprgb.errors import DprgbError
 
 app = typer.Typer(
@@ -44,8 +45,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 
 def _settings(config: Path | None, group: str | None = None, **flags: Any):  # -> app.Settings
     """The command's settings: ./dprgb.yaml when no --config is given and it exists."""
-    from dprgb import app as application
-
     if config is None and Path("dprgb.yaml").is_file():
         config = Path("dprgb.yaml")
     if flags.get("tasks"):
@@ -79,11 +78,9 @@ def demo_data(
     seed: Annotated[int | None, typer.Option(help="Seed of the generative model.")] = None,
 ) -> None:
     """Write a small data set in the real formats, and OUT/dprgb.yaml pointing at it."""
-    from dprgb.pipeline.demo_data import demo_spec, write_demo_data
-
-    spec = demo_spec(realistic=realistic, episodes=episodes, min_frames=min_frames,
-                     max_frames=max_frames, seed=seed)
-    console.print(f"wrote demo data to {out}; config: {write_demo_data(out, spec)}")
+    config_path = application.demo_data(out, realistic=realistic, episodes=episodes, min_frames=min_frames,
+                                        max_frames=max_frames, seed=seed)
+    console.print(f"wrote demo data to {out}; config: {config_path}")
 
 
 @app.command()
@@ -94,8 +91,6 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """The whole pipeline on generated data: demo data, precompute, train every group, eval."""
-    from dprgb import app as application
-
     start = time.perf_counter()
     report = application.demo(out, progress=progress, say=console.print)
     table = _table("dprgb demo: held-out episodes, sampled actions vs the mean action",
@@ -122,8 +117,6 @@ def _table(title: str, *columns: str) -> Table:
 @inspect_app.command("action-dims")
 def inspect_action_dims(config: ConfigOpt = None, tasks: TasksOpt = None, as_json: JsonOpt = False) -> None:
     """Per task: trajectory format, per-arm dofs, gripper, action dim, frames; then groups."""
-    from dprgb import app as application
-
     report = application.action_dims(_settings(config, tasks=tasks))
     if as_json:
         print(json.dumps(report))
@@ -148,9 +141,6 @@ def inspect_action_dims(config: ConfigOpt = None, tasks: TasksOpt = None, as_jso
 @inspect_app.command("features")
 def inspect_features(config: ConfigOpt = None, tasks: TasksOpt = None, as_json: JsonOpt = False) -> None:
     """Per root and task: layout, shapes, dtype, chunking, compressor, frames, zero frames, bytes."""
-    from dprgb import app as application
-    from dprgb.pipeline.report import human_bytes
-
     rows = application.feature_stores(_settings(config, tasks=tasks))
     if as_json:
         print(json.dumps({"features": rows}))
@@ -180,8 +170,6 @@ def inspect_cache(
     as_json: JsonOpt = False,
 ) -> None:
     """Is the cache complete and fresh for the current encoder, data and options?"""
-    from dprgb import app as application
-
     settings = _settings(config, tasks=tasks, encoder=encoder, cache_dir=cache_dir)
     status = application.cache_report(settings, tasks_named=bool(tasks))
     if as_json:
@@ -210,8 +198,6 @@ def inspect_checkpoint(
     as_json: JsonOpt = False,
 ) -> None:
     """What a checkpoint holds: a dprgb policy's config, or an RGB2PC encoder's structure."""
-    from dprgb import app as application
-
     summary = application.checkpoint_summary(path, nhead)
     if as_json:
         print(json.dumps(summary, default=str))
@@ -251,8 +237,6 @@ def precompute(
 ) -> None:
     """Encode raw features through the frozen encoder into the fused [T, D] cache."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from dprgb import app as application
 
     settings = _settings(
         config, group, tasks=tasks, encoder=encoder, encoder_weights=encoder_weights, cache_dir=cache_dir,
@@ -326,8 +310,6 @@ def train(
 ) -> None:
     """Fit a diffusion-policy head on the group's cached features; with --finetune, train the
     encoder too, on raw features (runs go to SAVE_DIR/<group>/finetune)."""
-    from dprgb import app as application
-
     settings = _settings(
         config, group, tasks=tasks, epochs=epochs, batch_size=batch_size, lr=lr, amp=amp,
         grad_accum_steps=grad_accum_steps, device=device, save_dir=save_dir, compile=compile,
@@ -353,8 +335,6 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Held-out MSE of sampled actions per task, beside the mean-action baseline."""
-    from dprgb import app as application
-
     settings = _settings(config, tasks=tasks, device=device)
     report = application.evaluate(settings, checkpoint, tasks_named=bool(tasks), plot_dir=plot_dir)
     if as_json:
@@ -367,6 +347,14 @@ def evaluate(
                       f"{row['baseline_mse']:.5f}", f"{row['ratio']:.3f}")
     console.print(table)
     console.print(f"plots: {report['plots']}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 # ------------------------------------------------------------------------------------ main

@@ -48,7 +48,8 @@ MODELS = {"small": (64, 128), "default": (256, 512, 1024)}
 
 
 def load_settings(config: Path, cache_dir: Path) -> tuple:
-    from dprgb.pipeline.config import DataConfig, resolve_config
+    from dprgb.config import resolve_config
+from dprgb.pipeline.config import DataConfig
     from dprgb.pipeline.precompute import PrecomputeConfig
 
     settings = resolve_config(config)

@@ -49,7 +49,8 @@ def read_only(config: Path, tasks: list[str], workers: int, batch_frames: int) -
     """(a): what precompute does minus the encoder and the write, on the same dask graph."""
     import dask
 
-    from dprgb.pipeline.config import DataConfig, resolve_config
+    from dprgb.config import resolve_config
+from dprgb.pipeline.config import DataConfig
     from dprgb.pipeline.episodes import check_usable, scan_task
     from dprgb.pipeline.precompute import PrecomputeConfig, open_job_episode, plan_jobs
 
@@ -75,7 +76,8 @@ def read_only(config: Path, tasks: list[str], workers: int, batch_frames: int) -
 
 def full_precompute(config: Path, tasks: list[str], workers: int, batch_frames: int, cache_dir: Path) -> dict:
     """(b), (c): the library call `dprgb precompute` makes, reference encoder, into a new cache."""
-    from dprgb.pipeline.config import DataConfig, resolve_config
+    from dprgb.config import resolve_config
+from dprgb.pipeline.config import DataConfig
     from dprgb.pipeline.precompute import PrecomputeConfig, precompute
 
     cfg = DataConfig.from_mapping(resolve_config(config))
@@ -191,7 +193,8 @@ def disk_bytes(root: Path) -> int:
 
 
 def data_summary(config: Path) -> dict:
-    from dprgb.pipeline.config import DataConfig, resolve_config
+    from dprgb.config import resolve_config
+from dprgb.pipeline.config import DataConfig
     from dprgb.pipeline.episodes import scan_task
 
     cfg = DataConfig.from_mapping(resolve_config(config))

@@ -144,11 +144,3 @@ def features_report(cfg: DataConfig) -> list[dict[str, Any]]:
                 }
             )
     return rows
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"

@@ -170,3 +170,24 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
         )
 
     return run
+
+
+def stage(**keys):
+    """(EncoderConfig, PrecomputeConfig, DeviceConfig) from flat config keys, as `dprgb.app`
+    builds them: `precompute(data, *stage(cache_dir=...), tasks)`. Device defaults to cpu."""
+    from dprgb.config import DeviceConfig
+    from dprgb.pipeline.config import EncoderConfig, PrecomputeConfig
+
+    keys.setdefault("device", "cpu")
+    configs = (EncoderConfig, PrecomputeConfig, DeviceConfig)
+    unknown = set(keys) - {k for c in configs for k in c.keys()}
+    assert not unknown, unknown
+    return tuple(c.from_mapping(keys) for c in configs)
+
+
+def status_of(data, tasks: list[str], **keys) -> dict:
+    """`cache_status` of `tasks` under the stage configs of `keys`."""
+    from dprgb.pipeline.episodes import scan_task
+    from dprgb.pipeline.precompute import cache_status
+
+    return cache_status(data, *stage(**keys), [scan_task(data, task) for task in tasks])

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import zarr
 
+from dprgb.config import resolve_config
 from dprgb.errors import DprgbError
-from dprgb.pipeline.config import DataConfig, resolve_config
+from dprgb.pipeline.config import DataConfig
 from dprgb.pipeline.features import open_feature_episode
 from dprgb.pipeline.report import action_dims_report, features_report
 

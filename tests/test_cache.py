@@ -26,11 +26,13 @@ from dprgb.cache.store import (
     remove_leftovers,
     write_episode,
 )
+from dprgb.config import resolve_config
 from dprgb.errors import DprgbError
-from dprgb.pipeline.config import DataConfig, resolve_config
+from dprgb.pipeline.config import DataConfig
 from dprgb.pipeline.demo_data import DEMO_TASKS, DemoSpec, feature_root_name, write_demo_data
 from dprgb.pipeline.episodes import episodes_from_scan, scan_task
-from dprgb.pipeline.precompute import PrecomputeConfig, cache_status, precompute
+from dprgb.pipeline.precompute import precompute
+from tests.conftest import stage, status_of
 
 TINY = DemoSpec(episodes=3, min_frames=10, max_frames=14)
 TASKS = [task.name for task in DEMO_TASKS if task.source != "segments"]
@@ -46,8 +48,8 @@ def demo(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cache")
     config_path = write_demo_data(root, TINY)
     cfg = DataConfig.from_mapping(resolve_config(config_path))
-    pc = PrecomputeConfig(cache_dir=root / "cache", workers=2)
-    precompute(cfg, pc, TASKS)
+    pc = dict(cache_dir=root / "cache", precompute_workers=2)
+    precompute(cfg, *stage(**pc), TASKS)
     return {"root": root, "config": config_path, "cfg": cfg, "cache_dir": root / "cache"}
 
 
@@ -125,7 +127,9 @@ def test_load_group_is_contiguous_and_partitioned_by_episode_ends(demo):
         assert group.tasks[group.episode_task[e]] == record.task
         assert group.episode_index[e] == record.episode
     assert group.fingerprint == cache.fingerprint
-    assert group.action_layout["dim"] == 14 and group.action_layout["arms"] == ["left", "right"]
+    assert sorted(group.action_layouts) == sorted(TWO_ARM)
+    for layout in group.action_layouts.values():
+        assert layout["dim"] == 14 and layout["arms"] == ["left", "right"]
 
 
 def test_load_group_refuses_mixed_action_dims_and_unknown_tasks(demo):
@@ -133,7 +137,11 @@ def test_load_group_refuses_mixed_action_dims_and_unknown_tasks(demo):
     with pytest.raises(DprgbError, match="mix action dims") as info:
         cache.load_group([TWO_ARM[0], ONE_ARM[0]])
     assert str(demo["cache_dir"]) in str(info.value)
-    assert cache.load_group(ONE_ARM).action_dim == 7  # two 7-dim tasks (left-only, right-only)
+    one_arm = cache.load_group(ONE_ARM)  # two 7-dim tasks: each keeps its own arm
+    assert one_arm.action_dim == 7
+    arms = {task.name: list(task.arms) for task in DEMO_TASKS}
+    assert {t: layout["arms"] for t, layout in one_arm.action_layouts.items()} == {t: arms[t] for t in ONE_ARM}
+    assert sorted(tuple(arms[t]) for t in ONE_ARM) == [("left",), ("right",)]
     with pytest.raises(DprgbError, match="no cached episodes"):
         cache.load_group(["nope-demo_clean-1_head_camera"])
 
@@ -239,8 +247,9 @@ def test_failed_write_never_leaves_a_half_written_episode(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="power cut"):
         write_episode(tmp_path, "task", 0, *small_episode(rng, 7), {"episode": 0, "version": 3})
     monkeypatch.setattr(os, "rename", real_rename)
-    for path in cached_episodes(tmp_path, "task").values():
-        assert read_episode(path).attrs["version"] in (1, 3)
+    # the old episode had moved aside and the new one never arrived: the episode is absent
+    # (a rerun recomputes it), not a partial or mixed one
+    assert cached_episodes(tmp_path, "task") == {}
     assert temporaries(tmp_path / "task")  # the crash left its temporaries behind ...
     assert remove_leftovers(tmp_path) >= 1  # ... which the next precompute deletes
     assert temporaries(tmp_path / "task") == []
@@ -278,7 +287,7 @@ def test_source_identity_tracks_content_not_location(demo, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(root, moved, ignore=shutil.ignore_patterns("cache"))
     cfg = DataConfig.from_mapping(resolve_config(moved / "dprgb.yaml"))
-    status = cache_status(cfg, PrecomputeConfig(cache_dir=demo["cache_dir"]), TASKS)
+    status = status_of(cfg, TASKS, cache_dir=demo["cache_dir"])
     assert not status["stale"] and status["complete"]
 
 
@@ -291,7 +300,7 @@ def test_deleted_source_episode_is_reported_stale(demo, tmp_path):
     for backbone in ("croco", "vggt"):
         shutil.rmtree(data / feature_root_name(backbone) / task / "episode_1.zarr")
     cfg = DataConfig.from_mapping(resolve_config(data / "dprgb.yaml"))
-    status = cache_status(cfg, PrecomputeConfig(cache_dir=data / "cache"), TASKS)
+    status = status_of(cfg, TASKS, cache_dir=data / "cache")
     row = next(r for r in status["tasks"] if r["task"] == task)
     assert row["orphans"] == [1] and row["expected"] == TINY.episodes - 1
     assert 1 in [r.episode for r in open_cache(data / "cache").episodes([task])]

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from dprgb.cache import open_cache
 from dprgb.pipeline.demo_data import DemoSpec, write_demo_data
 from dprgb.trainer.policy import DiffusionRGBPolicy
 
@@ -64,8 +66,17 @@ def test_precompute_train_eval_through_the_cli(tmp_path):
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert set(report["tasks"]) == set(dims["groups"]["arm7"])
-    for row in report["tasks"].values():
-        assert row["mse"] >= 0 and row["baseline_mse"] > 0
+    # `dprgb eval` and the run's last validation compute the same numbers for the same episodes
+    records = map(json.loads, (final.parent / "metrics.jsonl").read_text().splitlines())
+    last_validation = [r for r in records if "val_loss" in r][-1]
+    lengths = {(r.task, r.episode): len(r.steps) for r in open_cache(tmp_path / "cache").episodes()}
+    horizon, To, Ta = SMALL_TRAINING["horizon"], 2, SMALL_TRAINING["n_action_steps"]
+    for task, row in report["tasks"].items():
+        assert row["mse"] == pytest.approx(last_validation[f"val_action_mse_raw/{task}"], rel=1e-6)
+        assert 0 < row["mse"] < float("inf") and row["baseline_mse"] > 0
+        # one window per start, padded To - 1 before and Ta - 1 after (edge replication)
+        held_out = [lengths[(task, ep)] for ep in row["episodes"]]
+        assert row["windows"] == sum(n - horizon + (To - 1) + (Ta - 1) + 1 for n in held_out)
     assert any(p.suffix == ".png" for p in (tmp_path / "runs" / "arm7" / "eval").iterdir())
 
     policy = DiffusionRGBPolicy.from_checkpoint(final)

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
+from dprgb.config import resolve_config
 from dprgb.errors import DprgbError
-from dprgb.pipeline.config import DataConfig, FeatureRoot, check_known_keys, parse_roots, resolve_config
+from dprgb.pipeline.config import DataConfig, FeatureRoot, parse_roots
 
 
 def write(path: Path, text: str) -> Path:
@@ -139,21 +141,41 @@ def test_config_that_is_not_a_mapping(tmp_path):
 # ----------------------------------------------------------------------- known keys
 
 
-def test_unknown_keys_are_refused_by_name(tmp_path):
-    mapping = {
-        "rgb_zarr_roots": [],
-        "traj_root": "t",
-        "tasks": [],
-        "epoch": 3,
-        "slot_polcy": {},
-        "groups": {},
-    }
+def test_unknown_keys_are_refused_by_name_with_a_hint(tmp_path):
+    from dprgb.app import load_settings
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"traj_root": "t", "epoch": 3, "slot_polcy": {},
+                                    "groups": {"arm7": {"lerning_rate_x": 1, "lr": 1e-3}}}))
     with pytest.raises(DprgbError) as err:
-        check_known_keys(mapping, DataConfig, source=str(tmp_path / "c.yaml"))
+        load_settings(path)
     message = str(err.value)
-    assert "epoch" in message and "slot_polcy" in message and str(tmp_path / "c.yaml") in message
-    assert "traj_root" not in message
-    check_known_keys({"traj_root": "t", "group": None, "extends": "x", "use_left_arm": True}, DataConfig)
+    assert str(path) in message and "traj_root" not in message
+    assert "epoch (did you mean epochs?)" in message
+    assert "slot_polcy (did you mean slot_policy?)" in message
+    assert "lerning_rate_x" in message  # a typo inside a group is refused too
+    path.write_text(yaml.safe_dump({"traj_root": "t", "use_left_arm": True, "groups": {"g": {"lr": 1.0}}}))
+    assert load_settings(path, "g").mapping["lr"] == 1.0
+
+
+def test_every_key_has_one_owner():
+    from dprgb.app import key_owners
+
+    owners = key_owners()  # asserts while building that no key is in two configs
+    assert owners["device"].__name__ == "DeviceConfig"
+    assert owners["num_workers"].__name__ == "FinetuneConfig"
+    assert owners["precompute_workers"].__name__ == "PrecomputeConfig"
+    assert owners["encoder_amp"].__name__ == "EncoderConfig" and owners["amp"].__name__ == "TrainConfig"
+    assert owners["horizon"].__name__ == "ModelConfig"
+
+
+def test_quoted_booleans_and_wrong_types_are_refused():
+    with pytest.raises(DprgbError, match=r"use_left_arm must be true or false \(unquoted\), got use_left_arm='false'"):
+        DataConfig.from_mapping({"rgb_zarr_roots": ["/d/features_croco_x"], "traj_root": "/t",
+                                 "use_left_arm": "false"})
+    with pytest.raises(DprgbError, match="action_offset must be an integer"):
+        DataConfig.from_mapping({"rgb_zarr_roots": ["/d/features_croco_x"], "traj_root": "/t",
+                                 "action_offset": "1"})
 
 
 # ---------------------------------------------------------------------- feature roots
@@ -267,11 +289,12 @@ def test_tasks_accept_a_comma_separated_string_and_slot_policy_defaults():
 
 
 def test_example_config_in_the_repository_is_valid():
-    from dprgb.pipeline.precompute import PrecomputeConfig
+    from dprgb.app import key_owners, load_settings
     from dprgb.trainer.config import TrainConfig
 
     example = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
-    settings = resolve_config(example, "arm14")
-    check_known_keys(settings, DataConfig, PrecomputeConfig, TrainConfig, source=str(example))
-    assert [root.backbone for root in DataConfig.from_mapping(settings).rgb_zarr_roots] == ["croco", "vggt"]
-    assert TrainConfig.from_mapping(settings).epochs == 300  # the group overrides the default
+    settings = load_settings(example, "arm14")  # refuses unknown keys
+    for config_type in set(key_owners().values()):
+        settings.get(config_type)  # every concern's config builds and validates
+    assert [root.backbone for root in settings.get(DataConfig).rgb_zarr_roots] == ["croco", "vggt"]
+    assert settings.get(TrainConfig).epochs == 300  # the group overrides the default

@@ -11,7 +11,7 @@ import pytest
 
 from dprgb.errors import DprgbError
 from dprgb.pipeline.config import DataConfig, FeatureRoot
-from dprgb.pipeline.episodes import episodes_from_scan, open_task, scan_task
+from dprgb.pipeline.episodes import episodes_from_scan, scan_task
 from dprgb.pipeline.trajectories import FORMAT_HDF5, FORMAT_SEGMENTS, load_trajectory
 
 TASK = "lift_cube-demo_clean-2_head_camera"
@@ -75,12 +75,19 @@ def target_matrix(arrays: dict[str, np.ndarray], arms: tuple[str, ...], gripper:
     return np.concatenate(columns, axis=1)
 
 
+
+def task_episodes(cfg, task):
+    """(the task's layout, its aligned episodes): what precompute and finetune start from."""
+    scan = scan_task(cfg, task)
+    return scan.layout, episodes_from_scan(cfg, scan)
+
+
 # ------------------------------------------------------------------------ alignment
 
 
 def test_default_action_is_the_next_target(tmp_path, make_pack, make_hdf5):
     cfg, arrays = build_task(tmp_path, make_pack, make_hdf5)
-    layout, episodes = open_task(cfg, TASK)
+    layout, episodes = task_episodes(cfg, TASK)
     assert layout.arms == ("left", "right") and layout.dim == 14 and layout.offset == 1
     (ep,) = episodes
     assert ep.index == 0 and ep.backbones == ["croco", "vggt"]
@@ -95,7 +102,7 @@ def test_default_action_is_the_next_target(tmp_path, make_pack, make_hdf5):
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_action_offset(tmp_path, make_pack, make_hdf5, offset):
     cfg, arrays = build_task(tmp_path, make_pack, make_hdf5, action_offset=offset)
-    _, (ep,) = open_task(cfg, TASK)
+    _, (ep,) = task_episodes(cfg, TASK)
     assert ep.steps.tolist() == list(range(12 - offset))
     assert ep.lacking_action.tolist() == list(range(12 - offset, 12))
     target = target_matrix(arrays, ("left", "right"), True).astype(np.float32)
@@ -104,7 +111,7 @@ def test_action_offset(tmp_path, make_pack, make_hdf5, offset):
 
 def test_features_of_a_step_are_the_frames_with_that_step_id(tmp_path, make_pack, make_hdf5):
     cfg, _ = build_task(tmp_path, make_pack, make_hdf5, slot_policy={"croco": "any"})
-    _, (ep,) = open_task(cfg, TASK)
+    _, (ep,) = task_episodes(cfg, TASK)
     assert ep.features["croco"].slot_policy == "any" and ep.features["vggt"].slot_policy == "causal"
     frames = ep.read_frames()
     assert list(frames) == ["croco", "vggt"]
@@ -115,7 +122,7 @@ def test_features_of_a_step_are_the_frames_with_that_step_id(tmp_path, make_pack
 
 def test_trajectory_longer_than_the_features(tmp_path, make_pack, make_hdf5):
     cfg, arrays = build_task(tmp_path, make_pack, make_hdf5, n_feature_frames=10, n_traj_frames=13)
-    _, (ep,) = open_task(cfg, TASK)
+    _, (ep,) = task_episodes(cfg, TASK)
     assert ep.steps.tolist() == list(range(10))  # step 9's action is target[10]: present
     assert ep.lacking_action.tolist() == []
     assert ep.lacking_features.tolist() == [10, 11, 12]
@@ -126,7 +133,7 @@ def test_features_starting_late_align_by_step_id(tmp_path, make_pack, make_hdf5)
     cfg, arrays = build_task(
         tmp_path, make_pack, make_hdf5, n_feature_frames=9, n_traj_frames=12, first_step=2
     )
-    _, (ep,) = open_task(cfg, TASK)
+    _, (ep,) = task_episodes(cfg, TASK)
     assert ep.steps.tolist() == list(range(2, 11))
     assert ep.lacking_features.tolist() == [0, 1, 11]
     assert ep.read_features("vggt")[0].flat[0] == 3.0  # step 2
@@ -148,7 +155,7 @@ def test_features_starting_late_align_by_step_id(tmp_path, make_pack, make_hdf5)
 )
 def test_arm_and_gripper_flags_set_the_action_dim(tmp_path, make_pack, make_hdf5, flags, arms, dim):
     cfg, arrays = build_task(tmp_path, make_pack, make_hdf5, **flags)
-    layout, (ep,) = open_task(cfg, TASK)
+    layout, (ep,) = task_episodes(cfg, TASK)
     assert layout.arms == arms and layout.dim == dim and ep.actions.shape == (11, dim)
     gripper = flags.get("include_gripper", True)
     assert layout.gripper == gripper
@@ -164,7 +171,7 @@ def test_unfused_arms_keep_the_arm_that_moves_most(
     cfg, arrays = build_task(
         tmp_path, make_pack, make_hdf5, fuse_arms=False, left_speed=left_speed, right_speed=right_speed
     )
-    layout, (ep,) = open_task(cfg, TASK)
+    layout, (ep,) = task_episodes(cfg, TASK)
     assert layout.arms == (kept,) and layout.dim == 7
     np.testing.assert_array_equal(
         ep.actions, target_matrix(arrays, (kept,), True)[ep.steps + 1].astype(np.float32)
@@ -219,7 +226,7 @@ def test_demo_dims_per_task(demo_root):
         "dump_bin_bigbin-demo_clean-10_head_camera": (("left",), 7),
     }
     for task, (arms, dim) in expected.items():
-        layout, episodes = open_task(cfg, task)
+        layout, episodes = task_episodes(cfg, task)
         assert (layout.arms, layout.dim) == (arms, dim), task
         assert len(episodes) == 3
         for ep in episodes:
@@ -237,10 +244,10 @@ def test_planner_segments_are_refused_unless_resampling_is_asked_for(demo_root):
         episodes_from_scan(cfg, scan)
     assert str(scan.trajectory_dir) in str(err.value)
     with pytest.raises(DprgbError, match="planner-segment"):
-        open_task(cfg, SEGMENT_TASK)
+        task_episodes(cfg, SEGMENT_TASK)
 
     cfg = demo_config(demo_root, resample_segments=True)
-    layout, episodes = open_task(cfg, SEGMENT_TASK)
+    layout, episodes = task_episodes(cfg, SEGMENT_TASK)
     assert layout.gripper is False and layout.arms == ("left", "right") and layout.dim == 12
     assert len(episodes) == 3
     for ep in episodes:

@@ -6,14 +6,22 @@ import pytest
 import torch
 
 from dprgb.errors import DprgbError
-from dprgb.trainer.checkpoint import save_policy
+from dprgb.pipeline.encoders import ReferenceEncoder
+from dprgb.trainer.checkpoint import POLICY_FORMAT, save_policy
+from dprgb.trainer.config import ModelConfig
 from dprgb.trainer.normalizer import LinearNormalizer, fit_minmax
-from dprgb.trainer.policy import DiffusionRGBPolicy
+from dprgb.trainer.policy import DiffusionRGBPolicy, policy_config
 
 D, A = 12, 5
-CONFIG = {"obs_dim": D, "action_dim": A, "horizon": 8, "n_obs_steps": 3, "n_action_steps": 4,
-          "down_dims": [16, 32], "diffusion_step_embed_dim": 16, "num_inference_steps": 4}
+MODEL = {"horizon": 8, "n_obs_steps": 3, "n_action_steps": 4, "down_dims": [16, 32],
+         "diffusion_step_embed_dim": 16, "num_inference_steps": 4}
 
+
+def make_config(**model) -> dict:
+    return policy_config(ModelConfig.from_mapping({**MODEL, **model}), D, A)
+
+
+CONFIG = make_config()
 
 
 def make_normalizer(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -24,20 +32,38 @@ def make_normalizer(seed: int = 0) -> dict[str, torch.Tensor]:
     }).state_dict()
 
 
+def reference_encoder() -> ReferenceEncoder:
+    encoder = ReferenceEncoder({"croco": 4}, out_dim=D, seed=3)
+    encoder.backbones, encoder.out_dim = ["croco"], D
+    return encoder.eval()
+
+
+def write_policy(path, encoder, **extra) -> DiffusionRGBPolicy:
+    """A policy file as training writes one: head, normalizer, the encoder as data."""
+    from dprgb.pipeline.encoders import encoder_record
+
+    torch.manual_seed(0)
+    config = {**CONFIG, "tasks": ["t"], "cache_fingerprint": "abc",
+              "encoder": encoder_record(encoder, "reference"), **extra}
+    policy = DiffusionRGBPolicy(config)
+    policy.set_normalizer(make_normalizer())
+    save_policy(path, config=policy.config, policy_state=policy.head_state(),
+                normalizer=policy.normalizer_state(), encoder=encoder)
+    return policy.eval()
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    policy = DiffusionRGBPolicy({**CONFIG, "tasks": ["t"], "cache_fingerprint": "abc"})
     path = tmp_path / "final_policy.pt"
-    save_policy(path, config=policy.config, policy_state=policy.state_dict(),
-                normalizer=make_normalizer())
+    write_policy(path, reference_encoder())
     return path
 
 
 def test_seed_usage_and_from_checkpoint(checkpoint):
     ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["format"] == POLICY_FORMAT
     policy = DiffusionRGBPolicy(ckpt["config"])
-    policy.load_state_dict(ckpt["policy_state"])
+    policy.load_state_dict(ckpt["policy_state"])  # strict: the head only
     policy.set_normalizer(ckpt["normalizer"])
     policy.eval()
     obs = torch.randn(2, 3, D)
@@ -46,17 +72,86 @@ def test_seed_usage_and_from_checkpoint(checkpoint):
     loaded = DiffusionRGBPolicy.from_checkpoint(checkpoint)
     assert not loaded.training
     again = loaded.predict_action({"obs": obs}, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(again["action"], action)
+    assert torch.equal(again["action"], action)
     for key, value in make_normalizer().items():
         field, name = key.split(".")
-        torch.testing.assert_close(getattr(loaded.normalizer[field], name), value)
+        assert torch.equal(getattr(loaded.normalizer[field], name), value)
 
 
-def test_policy_state_alone_restores_the_normalizer(checkpoint):
+def test_the_file_stores_the_normalizer_once(checkpoint):
     ckpt = torch.load(checkpoint, weights_only=True)
-    policy = DiffusionRGBPolicy(ckpt["config"])
-    policy.load_state_dict(ckpt["policy_state"])  # normalizer buffers are in policy_state
-    assert policy.normalizer_state().keys() == ckpt["normalizer"].keys()
+    assert not [k for k in ckpt["policy_state"] if k.startswith(("normalizer.", "encoder."))]
+    expected = make_normalizer()
+    assert ckpt["normalizer"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(ckpt["normalizer"][key], value), key
+
+
+def test_from_checkpoint_acts_on_raw_features_with_the_file_alone(tmp_path):
+    encoder = reference_encoder()
+    with torch.no_grad():  # weights a seed cannot rebuild: they must come from the file
+        encoder.proj.weight.mul_(1.5)
+    path = tmp_path / "final_policy.pt"
+    policy = write_policy(path, encoder)
+    policy.set_encoder(encoder)
+    frames = torch.randn(2, 3, 2, 2, 4)  # (B, To, Hf, Wf, C)
+    expected = policy.predict_action({"features": {"croco": frames}},
+                                     generator=torch.Generator().manual_seed(2))["action"]
+    loaded = DiffusionRGBPolicy.from_checkpoint(path)
+    got = loaded.predict_action({"features": {"croco": frames}}, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(got["action"], expected)
+
+
+def test_torchscript_encoder_travels_inside_the_file(tmp_path):
+    from dprgb.pipeline.encoders import load_encoder
+
+    class Mean(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, D)
+
+        def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.proj(features["croco"].mean(dim=(1, 2)))
+
+    script = tmp_path / "enc.ts"
+    torch.jit.script(Mean()).save(str(script))
+    encoder, _ = load_encoder(str(script), backbone_dims={"croco": 4},
+                              options={"frame_shapes": {"croco": [2, 2, 4]}})
+    path = tmp_path / "final_policy.pt"
+    policy = write_policy(path, encoder)
+    policy.set_encoder(encoder)
+    script.unlink()
+    frames = torch.randn(1, 3, 2, 2, 4)
+    expected = policy.predict_action({"features": {"croco": frames}},
+                                     generator=torch.Generator().manual_seed(0))["action"]
+    got = DiffusionRGBPolicy.from_checkpoint(path).predict_action(
+        {"features": {"croco": frames}}, generator=torch.Generator().manual_seed(0))["action"]
+    assert torch.equal(got, expected)
+
+
+def test_an_unknown_format_version_is_one_line(checkpoint, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["format"] = "dprgb.policy/99"
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(DprgbError, match=r"format 'dprgb.policy/99' is not 'dprgb.policy/2'"):
+        DiffusionRGBPolicy.from_checkpoint(tmp_path / "future.pt")
+
+
+def test_a_plugin_named_by_the_file_is_never_imported(checkpoint, tmp_path, monkeypatch):
+    """A policy file is data: a record naming `module:factory` must not import or call it."""
+    plugin = tmp_path / "evil_plugin.py"
+    marker = tmp_path / "ran"
+    plugin.write_text(f"open({str(marker)!r}, 'w').close()\ndef make(**kw):\n    raise SystemExit\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["config"]["encoder"] = {**ckpt["config"]["encoder"], "kind": "plugin", "source": "evil_plugin:make"}
+    torch.save(ckpt, tmp_path / "hostile.pt")
+    with pytest.raises(DprgbError, match="never imports code"):
+        DiffusionRGBPolicy.from_checkpoint(tmp_path / "hostile.pt")
+    assert not marker.exists()
+    # the caller may name the module that holds the weights: then it loads
+    loaded = DiffusionRGBPolicy.from_checkpoint(tmp_path / "hostile.pt", encoder=reference_encoder())
+    assert loaded.encoder is not None and not marker.exists()
 
 
 def test_shapes_and_executed_slice():
@@ -104,7 +199,7 @@ def test_ddim_and_ddpm_options():
     assert run(scheduler="ddpm", num_inference_steps=10)[1] == 10
     with pytest.raises(DprgbError, match="scheduler"):
         run(scheduler="euler")
-    cfg_ddpm = DiffusionRGBPolicy({**CONFIG, "inference_scheduler": "ddpm"}).eval()
+    cfg_ddpm = DiffusionRGBPolicy(make_config(inference_scheduler="ddpm")).eval()
     assert cfg_ddpm.inference_scheduler == "ddpm"
 
 
@@ -113,6 +208,7 @@ def test_normalizer_buffers_move_with_to():
     policy.set_normalizer(make_normalizer())
     names = {name for name, _ in policy.named_buffers()}
     assert {"normalizer.obs.scale", "normalizer.action.offset"} <= names
+    assert not [k for k in policy.state_dict() if k.startswith("normalizer.")]  # saved once, apart
     policy = policy.to(torch.float64)
     assert policy.normalizer["obs"].scale.dtype == torch.float64
     if torch.cuda.is_available():
@@ -123,7 +219,7 @@ def test_normalizer_buffers_move_with_to():
 
 
 def test_loss_and_obs_encoder():
-    policy = DiffusionRGBPolicy({**CONFIG, "obs_encoder_dim": 8})
+    policy = DiffusionRGBPolicy(make_config(obs_encoder_dim=8))
     assert policy.model.diffusion_step_encoder is not None
     g = torch.Generator().manual_seed(0)
     nobs, naction = torch.randn(4, 3, D), torch.randn(4, 8, A)
@@ -139,7 +235,7 @@ def test_bad_configs_and_normalizers():
     with pytest.raises(DprgbError, match="obs_dim"):
         DiffusionRGBPolicy({"action_dim": 3})
     with pytest.raises(DprgbError, match="horizon"):
-        DiffusionRGBPolicy({**CONFIG, "horizon": 7})
+        DiffusionRGBPolicy(make_config(horizon=7))
     policy = DiffusionRGBPolicy(CONFIG)
     bad = make_normalizer()
     bad["obs.scale"] = torch.ones(D + 1)
@@ -147,7 +243,7 @@ def test_bad_configs_and_normalizers():
         policy.set_normalizer(bad)
     with pytest.raises(DprgbError, match="fields"):
         policy.set_normalizer({"obs.scale": torch.ones(D), "obs.offset": torch.zeros(D)})
-    with pytest.raises(DprgbError, match="no policy checkpoint"):
+    with pytest.raises(DprgbError, match="no policy file"):
         DiffusionRGBPolicy.from_checkpoint("/nonexistent/final_policy.pt")
 
 
@@ -168,7 +264,7 @@ class OracleDenoiser(torch.nn.Module):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 @pytest.mark.parametrize("scheduler,steps", [("ddim", 4), ("ddim", 10), ("ddpm", None)])
 def test_sampling_loop_recovers_what_an_oracle_predicts(prediction_type, scheduler, steps):
-    policy = DiffusionRGBPolicy({**CONFIG, "prediction_type": prediction_type}).eval()
+    policy = DiffusionRGBPolicy(make_config(prediction_type=prediction_type)).eval()
     policy.set_normalizer(make_normalizer())
     target = torch.rand(1, 8, A) * 1.6 - 0.8  # a normalized chunk inside the clip range
     policy.model = OracleDenoiser(target, policy.noise_scheduler.alphas_cumprod, prediction_type)

@@ -27,12 +27,15 @@ import zarr
 from dprgb.cache.manifest import read_manifest
 from dprgb.cache.reader import open_cache
 from dprgb.cache.store import PARTIAL_PREFIX, TRASH_PREFIX, cached_episodes
+from dprgb.config import resolve_config
 from dprgb.errors import DprgbError
-from dprgb.pipeline.config import DataConfig, resolve_config
+from dprgb.pipeline.config import DataConfig, PrecomputeConfig
 from dprgb.pipeline.demo_data import DEMO_TASKS, DemoSpec, feature_root_name, write_demo_data
 from dprgb.pipeline.encoders import encoder_fingerprint, load_encoder
+from dprgb.pipeline.encoding import encode_steps
 from dprgb.pipeline.episodes import episodes_from_scan, scan_task
-from dprgb.pipeline.precompute import PrecomputeConfig, cache_status, encode_steps, precompute
+from dprgb.pipeline.precompute import precompute
+from tests.conftest import stage, status_of
 
 TINY = DemoSpec(episodes=3, min_frames=10, max_frames=14)
 # Planner-segment tasks cannot be cached without resample_segments: the four others can.
@@ -161,8 +164,8 @@ def cached(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("precompute")
     config_path, cfg = write_data(root)
     progress = []
-    pc = PrecomputeConfig(cache_dir=root / "cache", workers=2, batch_frames=4)
-    result = precompute(cfg, pc, TASKS, on_progress=lambda *a: progress.append(a))
+    pc = dict(cache_dir=root / "cache", precompute_workers=2, batch_frames=4)
+    result = precompute(cfg, *stage(**pc), TASKS, on_progress=lambda *a: progress.append(a))
     return {"root": root, "config": config_path, "cfg": cfg, "pc": pc, "result": result, "progress": progress}
 
 
@@ -171,7 +174,7 @@ def cached(tmp_path_factory) -> dict:
 
 def test_cache_matches_encoder_applied_through_readers(cached):
     cfg = cached["cfg"]
-    records = read_cache(cached["pc"].cache_dir)
+    records = read_cache(cached["pc"]["cache_dir"])
     episodes = [ep for task in TASKS for ep in episodes_from_scan(cfg, scan_task(cfg, task))]
     assert sorted(records) == sorted((ep.task, ep.index) for ep in episodes)
     assert len(records) == len(TASKS) * TINY.episodes  # the 6-frame HDF5 episode has no store
@@ -201,7 +204,7 @@ def test_cache_uses_causal_window_for_vggt(cached):
     """Parity again, but frames read straight from the zarr arrays without dprgb's readers:
     vggt (cross-frame) from the window that ENDS at the step, croco from any copy."""
     root, cfg = cached["root"], cached["cfg"]
-    records = read_cache(cached["pc"].cache_dir)
+    records = read_cache(cached["pc"]["cache_dir"])
     encoder, _ = load_encoder("reference", backbone_dims={"croco": 64, "vggt": 96})
     for (task, ep), record in records.items():
         arrays = {
@@ -256,29 +259,29 @@ def test_encode_steps_does_not_depend_on_batching(cached):
 
 def test_rerun_computes_only_missing_episodes(cached, tmp_path):
     cfg = cached["cfg"]
-    pc = PrecomputeConfig(cache_dir=tmp_path / "cache", workers=1)
-    precompute(cfg, pc, TASKS[:2])
-    before = {key: file_stats(path) for key, path in committed(pc.cache_dir).items()}
+    pc = dict(cache_dir=tmp_path / "cache", precompute_workers=1)
+    precompute(cfg, *stage(**pc), TASKS[:2])
+    before = {key: file_stats(path) for key, path in committed(pc["cache_dir"]).items()}
     victim = (TASKS[1], 1)
-    (pc.cache_dir / victim[0] / f"episode_{victim[1]}").rename(pc.cache_dir / victim[0] / "moved_away")
-    status = cache_status(cfg, pc, TASKS[:2])
+    (pc["cache_dir"] / victim[0] / f"episode_{victim[1]}").rename(pc["cache_dir"] / victim[0] / "moved_away")
+    status = status_of(cfg, TASKS[:2], **pc)
     assert not status["complete"] and not status["stale"]
     assert [row["missing"] for row in status["tasks"]] == [[], [1]]
 
-    again = precompute(cfg, pc, TASKS[:2])
+    again = precompute(cfg, *stage(**pc), TASKS[:2])
     assert [(t, e) for t, e, _ in again.computed] == [victim]
     assert again.skipped == 2 * TINY.episodes - 1
-    after = {key: file_stats(path) for key, path in committed(pc.cache_dir).items()}
+    after = {key: file_stats(path) for key, path in committed(pc["cache_dir"]).items()}
     assert {k: v for k, v in after.items() if k != victim} == {k: v for k, v in before.items() if k != victim}
-    status = cache_status(cfg, pc, TASKS[:2])
+    status = status_of(cfg, TASKS[:2], **pc)
     assert status["complete"] and not status["stale"]
 
 
 def test_precompute_refuses_segment_tasks_and_bad_options(cached, tmp_path):
     segments = next(task.name for task in DEMO_TASKS if task.source == "segments")
-    pc = PrecomputeConfig(cache_dir=tmp_path / "cache")
+    pc = dict(cache_dir=tmp_path / "cache")
     with pytest.raises(DprgbError, match="planner-segment"):
-        precompute(cached["cfg"], pc, [segments])
+        precompute(cached["cfg"], *stage(**pc), [segments])
     assert not (tmp_path / "cache").exists()
     with pytest.raises(DprgbError, match="cache_dtype"):
         PrecomputeConfig(cache_dtype="int8")
@@ -287,20 +290,20 @@ def test_precompute_refuses_segment_tasks_and_bad_options(cached, tmp_path):
 
 
 def test_float16_cache(cached, tmp_path):
-    pc = PrecomputeConfig(cache_dir=tmp_path / "cache16", cache_dtype="float16", workers=1)
-    precompute(cached["cfg"], pc, [HDF5_TASK])
-    reference = {k: v for k, v in read_cache(cached["pc"].cache_dir).items() if k[0] == HDF5_TASK}
-    half = read_cache(pc.cache_dir)
+    pc = dict(cache_dir=tmp_path / "cache16", cache_dtype="float16", precompute_workers=1)
+    precompute(cached["cfg"], *stage(**pc), [HDF5_TASK])
+    reference = {k: v for k, v in read_cache(cached["pc"]["cache_dir"]).items() if k[0] == HDF5_TASK}
+    half = read_cache(pc["cache_dir"])
     assert sorted(half) == sorted(reference)
     for key, record in half.items():
         assert record["features"].dtype == np.float16
         np.testing.assert_allclose(record["features"], reference[key]["features"], rtol=2e-3, atol=2e-3)
         assert np.array_equal(record["actions"], reference[key]["actions"])
-    group = open_cache(pc.cache_dir).load_group([HDF5_TASK])
+    group = open_cache(pc["cache_dir"]).load_group([HDF5_TASK])
     assert group.features.dtype == np.float32
     # Another dtype into the same cache is refused, not mixed.
     with pytest.raises(DprgbError, match="cache dtype"):
-        precompute(cached["cfg"], PrecomputeConfig(cache_dir=pc.cache_dir), [HDF5_TASK])
+        precompute(cached["cfg"], *stage(cache_dir=pc["cache_dir"]), [HDF5_TASK])
 
 
 def test_plugin_encoder_options_with_mappings(cached, tmp_path, monkeypatch):
@@ -310,13 +313,13 @@ def test_plugin_encoder_options_with_mappings(cached, tmp_path, monkeypatch):
     (tmp_path / "dprgb_test_plugins.py").write_text(SLOW_ENCODER)
     monkeypatch.syspath_prepend(str(tmp_path))
     options = {"frame_shapes": {"croco": [4, 4, 64], "vggt": [3, 4, 96]}}
-    pc = PrecomputeConfig(
+    pc = dict(
         cache_dir=tmp_path / "cache", encoder="dprgb_test_plugins:make_no_dim", encoder_options=options
     )
-    result = precompute(cached["cfg"], pc, [TUPLE_TASK])
+    result = precompute(cached["cfg"], *stage(**pc), [TUPLE_TASK])
     assert len(result.computed) == TINY.episodes
-    assert open_cache(pc.cache_dir).dim == 8
-    assert not cache_status(cached["cfg"], pc, [TUPLE_TASK])["stale"]
+    assert open_cache(pc["cache_dir"]).dim == 8
+    assert not status_of(cached["cfg"], [TUPLE_TASK], **pc)["stale"]
 
 
 # ------------------------------------------------------------------------ crash and resume
@@ -406,9 +409,9 @@ def check_kill_and_resume(
 def test_staleness_encoder_source_and_data(tmp_path, run_main):
     config_path, cfg = write_data(tmp_path)
     cache_dir = tmp_path / "cache"
-    precompute(cfg, PrecomputeConfig(cache_dir=cache_dir, workers=2), TASKS)
+    precompute(cfg, *stage(cache_dir=cache_dir, precompute_workers=2), TASKS)
     old = read_cache(cache_dir)
-    fresh = cache_status(cfg, PrecomputeConfig(cache_dir=cache_dir), TASKS)
+    fresh = status_of(cfg, TASKS, cache_dir=cache_dir)
     assert (
         not fresh["stale"]
         and fresh["complete"]
@@ -417,8 +420,8 @@ def test_staleness_encoder_source_and_data(tmp_path, run_main):
 
     # 1. Another encoder (reference seed 1): the whole cache is stale; refused, then rebuilt.
     seeded = write_config(tmp_path / "seed1.yaml", config_path, encoder_options={"seed": 1})
-    pc1 = PrecomputeConfig(cache_dir=cache_dir, encoder_options={"seed": 1})
-    status = cache_status(cfg, pc1, TASKS)
+    pc1 = dict(cache_dir=cache_dir, encoder_options={"seed": 1})
+    status = status_of(cfg, TASKS, **pc1)
     assert status["encoder_stale"] and status["stale"] and not status["data_stale"]
     assert all(row["stale"] == list(range(TINY.episodes)) for row in status["tasks"])
 
@@ -439,7 +442,7 @@ def test_staleness_encoder_source_and_data(tmp_path, run_main):
 
     code, out, err = run_main("precompute", "-c", seeded, "--overwrite")
     assert code == 0, err
-    status = cache_status(cfg, pc1, TASKS)
+    status = status_of(cfg, TASKS, **pc1)
     assert not status["stale"] and not status["encoder_stale"] and status["complete"]
     code, out, _ = run_main("inspect", "cache", "-c", seeded, "--json")
     assert json.loads(out)["stale"] is False
@@ -459,7 +462,7 @@ def test_staleness_encoder_source_and_data(tmp_path, run_main):
     store = tmp_path / feature_root_name("croco") / TASKS[1] / "episode_2.zarr" / "per_frame_features"
     array = zarr.open_array(store, mode="r+")
     array[3] = array[3] * 1.5
-    status = cache_status(cfg, pc1, TASKS)
+    status = status_of(cfg, TASKS, **pc1)
     assert status["stale"] and not status["encoder_stale"] and not status["data_stale"]
     assert {row["task"]: row["stale"] for row in status["tasks"]} == {
         TASKS[0]: [1],
@@ -468,19 +471,19 @@ def test_staleness_encoder_source_and_data(tmp_path, run_main):
         TASKS[3]: [],
     }
     with pytest.raises(DprgbError, match="stale") as info:
-        precompute(cfg, pc1, TASKS)
+        precompute(cfg, *stage(**pc1), TASKS)
     assert info.value.episode in (1, 2)
 
     # 3. An arm setting changes the actions: the data options are stale.
     no_gripper = DataConfig.from_mapping(resolve_config(config_path, overrides={"include_gripper": False}))
-    status = cache_status(no_gripper, pc1, TASKS)
+    status = status_of(no_gripper, TASKS, **pc1)
     assert status["data_stale"] and status["stale"] and not status["encoder_stale"]
     with pytest.raises(DprgbError, match="data options"):
-        precompute(no_gripper, pc1, TASKS)
+        precompute(no_gripper, *stage(**pc1), TASKS)
 
     # --overwrite recomputes what is stale; the cache is fresh again.
-    precompute(cfg, pc1, TASKS, overwrite=True)
-    status = cache_status(cfg, pc1, TASKS)
+    precompute(cfg, *stage(**pc1), TASKS, overwrite=True)
+    status = status_of(cfg, TASKS, **pc1)
     assert not status["stale"] and status["complete"]
     assert not np.array_equal(read_cache(cache_dir)[(TASKS[0], 1)]["actions"], new[(TASKS[0], 1)]["actions"])
 
@@ -491,12 +494,12 @@ def test_staleness_encoder_source_and_data(tmp_path, run_main):
 def test_local_cluster_matches_threaded_run(cached, tmp_path):
     """dask.distributed LocalCluster (2 worker processes, 1 torch thread each) against the
     threaded scheduler with 2 workers (1 torch thread in total): bit-identical arrays."""
-    pc = PrecomputeConfig(cache_dir=tmp_path / "distributed", scheduler="local", workers=2, batch_frames=4)
-    result = precompute(cached["cfg"], pc, TASKS)
-    assert sorted((t, e) for t, e, _ in result.computed) == sorted(read_cache(cached["pc"].cache_dir))
+    pc = dict(cache_dir=tmp_path / "distributed", scheduler="local", precompute_workers=2, batch_frames=4)
+    result = precompute(cached["cfg"], *stage(**pc), TASKS)
+    assert sorted((t, e) for t, e, _ in result.computed) == sorted(read_cache(cached["pc"]["cache_dir"]))
     assert result.fingerprint == cached["result"].fingerprint
-    assert_same_cache(pc.cache_dir, cached["pc"].cache_dir, exact=True)
-    status = cache_status(cached["cfg"], pc, TASKS)
+    assert_same_cache(pc["cache_dir"], cached["pc"]["cache_dir"], exact=True)
+    status = status_of(cached["cfg"], TASKS, **pc)
     assert not status["stale"] and status["complete"]
 
 
@@ -507,12 +510,12 @@ def test_replaced_weights_file_is_seen_by_the_same_process(cached, tmp_path):
     cfg, dims = cached["cfg"], {"croco": 64, "vggt": 96}
     weights = tmp_path / "weights.pt"
     torch.save(load_encoder("reference", backbone_dims=dims, options={"seed": 5})[0].state_dict(), weights)
-    pc = PrecomputeConfig(cache_dir=tmp_path / "cache", encoder_weights=str(weights), workers=1)
-    precompute(cfg, pc, [TUPLE_TASK])
-    assert not cache_status(cfg, pc, [TUPLE_TASK])["stale"]
+    pc = dict(cache_dir=tmp_path / "cache", encoder_weights=str(weights), precompute_workers=1)
+    precompute(cfg, *stage(**pc), [TUPLE_TASK])
+    assert not status_of(cfg, [TUPLE_TASK], **pc)["stale"]
 
     torch.save(load_encoder("reference", backbone_dims=dims, options={"seed": 6})[0].state_dict(), weights)
-    status = cache_status(cfg, pc, [TUPLE_TASK])
+    status = status_of(cfg, [TUPLE_TASK], **pc)
     assert status["encoder_stale"] and status["stale"], "new weights in the same file are not noticed"
     with pytest.raises(DprgbError, match="different encoder"):
-        precompute(cfg, pc, [TUPLE_TASK])
+        precompute(cfg, *stage(**pc), [TUPLE_TASK])

@@ -77,15 +77,14 @@ def tiny_policy():
     """A small DiffusionRGBPolicy with seeded weights and a fixed normalizer, in eval mode.
 
     The one place that knows how a policy is built: adapt this if construction changes."""
-    from dprgb.trainer.policy import DiffusionRGBPolicy
+    from dprgb.trainer.config import ModelConfig
+    from dprgb.trainer.policy import DiffusionRGBPolicy, policy_config
 
     torch.manual_seed(0)
-    policy = DiffusionRGBPolicy({
-        "obs_dim": 6, "action_dim": 3, "horizon": 8, "n_obs_steps": 2, "n_action_steps": 4,
-        "down_dims": [16, 32], "kernel_size": 3, "n_groups": 4, "diffusion_step_embed_dim": 16,
-        "obs_encoder_dim": 0, "prediction_type": "epsilon", "inference_scheduler": "ddim",
-        "num_inference_steps": 5,
-    })
+    model = ModelConfig(horizon=8, n_obs_steps=2, n_action_steps=4, down_dims=(16, 32), kernel_size=3,
+                        n_groups=4, diffusion_step_embed_dim=16, obs_encoder_dim=0,
+                        prediction_type="epsilon", inference_scheduler="ddim", num_inference_steps=5)
+    policy = DiffusionRGBPolicy(policy_config(model, obs_dim=6, action_dim=3))
     policy.set_normalizer({
         "obs.scale": torch.linspace(0.5, 2.0, 6),
         "obs.offset": torch.linspace(-0.3, 0.3, 6),
@@ -113,15 +112,14 @@ def precompute_demo(tmp_dir: Path) -> Path:
     default options, one worker); returns the cache folder.
 
     The one place that knows how a precompute is run: adapt this if that API changes."""
-    from dprgb.pipeline.config import DataConfig, resolve_config
+    from dprgb import app
+    from dprgb.pipeline.config import PrecomputeConfig
     from dprgb.pipeline.demo_data import DemoSpec, write_demo_data
-    from dprgb.pipeline.precompute import PrecomputeConfig, precompute
 
     config_path = write_demo_data(Path(tmp_dir) / "data", DemoSpec(episodes=2, min_frames=10, max_frames=12))
-    mapping = resolve_config(config_path, overrides={"workers": 1})
-    pc = PrecomputeConfig.from_mapping(mapping)
-    precompute(DataConfig.from_mapping(mapping), pc, list(CACHE_TASKS))
-    return pc.cache_dir
+    settings = app.load_settings(config_path, overrides={"precompute_workers": 1, "device": "cpu"})
+    app.precompute(settings, list(CACHE_TASKS))
+    return settings.get(PrecomputeConfig).cache_dir
 
 
 def cache(tmp_dir: Path | None = None) -> dict[str, np.ndarray]:

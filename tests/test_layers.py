@@ -1,0 +1,57 @@
+"""The architecture as checked facts: the import contracts of pyproject.toml hold (and would
+catch a layer violation), and no product function grows past 80 lines."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = [p for p in ROOT.rglob("*.py")
+           if p.relative_to(ROOT).parts[0] not in ("tests", "bench", "build", ".git") and "egg-info" not in str(p)]
+LINT_IMPORTS = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; "
+                "sys.exit(c())", "--config", str(ROOT / "pyproject.toml")]
+
+
+def lint_imports(pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run(LINT_IMPORTS, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_import_contracts_hold():
+    run = lint_imports()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 kept, 0 broken" in run.stdout
+
+
+def test_a_cache_module_importing_the_pipeline_breaks_the_layers(tmp_path):
+    package = tmp_path / "dprgb"
+    for path in PRODUCT:
+        target = package / path.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    store = package / "cache" / "store.py"
+    store.write_text(store.read_text() + "\nimport dprgb.pipeline  # a layer violation\n")
+    run = lint_imports(pythonpath=tmp_path)
+    assert run.returncode != 0
+    assert "dprgb.cache is not allowed to import dprgb.pipeline" in run.stdout
+    assert "dprgb.cache.store -> dprgb.pipeline" in run.stdout
+
+
+def test_no_product_function_is_longer_than_80_lines():
+    """Except the UNet constructor, which mirrors the reference module for module."""
+    long = []
+    for path in PRODUCT:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                where = f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+                if lines > 80 and where.split(":")[0] + node.name != "trainer/unet.py__init__":
+                    long.append(f"{where} ({lines} lines)")
+    assert long == []
