@@ -140,7 +140,8 @@ def test_load_group_refuses_mixed_action_dims_and_unknown_tasks(demo):
     one_arm = cache.load_group(ONE_ARM)  # two 7-dim tasks: each keeps its own arm
     assert one_arm.action_dim == 7
     arms = {task.name: list(task.arms) for task in DEMO_TASKS}
-    assert {t: layout["arms"] for t, layout in one_arm.action_layouts.items()} == {t: arms[t] for t in ONE_ARM}
+    recorded = {t: layout["arms"] for t, layout in one_arm.action_layouts.items()}
+    assert recorded == {t: arms[t] for t in ONE_ARM}
     assert sorted(tuple(arms[t]) for t in ONE_ARM) == [("left",), ("right",)]
     with pytest.raises(DprgbError, match="no cached episodes"):
         cache.load_group(["nope-demo_clean-1_head_camera"])

@@ -170,7 +170,8 @@ def test_every_key_has_one_owner():
 
 
 def test_quoted_booleans_and_wrong_types_are_refused():
-    with pytest.raises(DprgbError, match=r"use_left_arm must be true or false \(unquoted\), got use_left_arm='false'"):
+    quoted = r"use_left_arm must be true or false \(unquoted\), got use_left_arm='false'"
+    with pytest.raises(DprgbError, match=quoted):
         DataConfig.from_mapping({"rgb_zarr_roots": ["/d/features_croco_x"], "traj_root": "/t",
                                  "use_left_arm": "false"})
     with pytest.raises(DprgbError, match="action_offset must be an integer"):

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NOT_PRODUCT = ("tests", "bench", "build", ".git")
 PRODUCT = [p for p in ROOT.rglob("*.py")
-           if p.relative_to(ROOT).parts[0] not in ("tests", "bench", "build", ".git") and "egg-info" not in str(p)]
+           if p.relative_to(ROOT).parts[0] not in NOT_PRODUCT and "egg-info" not in str(p)]
 LINT_IMPORTS = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; "
                 "sys.exit(c())", "--config", str(ROOT / "pyproject.toml")]
 

@@ -112,11 +112,17 @@ def check_init(init: InitState, origin: str, allow_mismatch: bool, config: dict[
             "same encoder, or pass --allow-encoder-mismatch (allow_encoder_mismatch: true)",
             path=init.path,
         )
-    differ = [f"{k}={init.config.get(k)!r} (now {config[k]!r})" for k in ("obs_dim", "action_dim", "model")
-              if plain(init.config.get(k)) != plain(config[k])]
+    had, now = _head_options(init.config), _head_options(config)
+    differ = [f"{k}={had.get(k)!r} (now {now[k]!r})" for k in now if had.get(k) != now[k]]
     if differ:
         raise DprgbError("the init checkpoint's head has other model options: " + ", ".join(differ)
                          + "; configure the same ones", path=init.path)
+
+
+def _head_options(config: dict[str, Any]) -> dict[str, Any]:
+    """obs_dim, action_dim and the model options of a policy config, one key each."""
+    return plain({"obs_dim": config.get("obs_dim"), "action_dim": config.get("action_dim"),
+                  **(config.get("model") or {})})
 
 
 def fit_raw_normalizer(encoder: torch.nn.Module, group: RawGroup, train_mask: np.ndarray,
@@ -145,7 +151,7 @@ def finetune(model: ModelConfig, cfg: TrainConfig, ft: FinetuneConfig, device_cf
     """Finetune mode on `group` (raw features) from the encoder `spec` builds; returns the
     path of `out_dir/final_policy.pt`."""
     out_dir = Path(out_dir)
-    with training_session(device_cfg, out_dir, resume, cfg.seed) as (dinfo, device):
+    with training_session(device_cfg, out_dir, resume) as (dinfo, device):
         encoder, fingerprint_options = spec.load()
         origin = encoder_fingerprint(encoder, fingerprint_options)
         # read on resume too: the run's config (and so the resume check) includes it
@@ -170,6 +176,7 @@ def finetune(model: ModelConfig, cfg: TrainConfig, ft: FinetuneConfig, device_cf
         )
         if init is not None:
             check_init(init, origin, ft.allow_encoder_mismatch, config)
+        torch.manual_seed(cfg.seed)  # the head's init: the same on every rank, whatever came before
         policy = DiffusionRGBPolicy(config, encoder=encoder).to(device)
         ema_state = None
         if init is not None:

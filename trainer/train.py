@@ -80,11 +80,11 @@ class Run:
 
 
 @contextlib.contextmanager
-def training_session(device_cfg: DeviceConfig, out_dir: Path, resume: bool,
-                     seed: int) -> Iterator[tuple[DistInfo, torch.device]]:
+def training_session(device_cfg: DeviceConfig, out_dir: Path,
+                     resume: bool) -> Iterator[tuple[DistInfo, torch.device]]:
     """What every training mode does first and last: check the resume request, join the
-    process group (under torchrun), pick the device, seed the model init (identical on every
-    rank); leave the process group at the end, also on errors."""
+    process group (under torchrun), pick the device; leave the process group at the end,
+    also on errors."""
     if resume and not (out_dir / "checkpoints" / "latest.pt").is_file():
         raise DprgbError("resume asked for, but there is no checkpoint to resume from",
                          path=out_dir / "checkpoints" / "latest.pt")
@@ -93,7 +93,6 @@ def training_session(device_cfg: DeviceConfig, out_dir: Path, resume: bool,
         device = device_cfg.torch_device(dinfo.local_rank)
         if device.type == "cuda":  # TF32 matmuls (convolutions already use it), as nanoGPT does
             torch.backends.cuda.matmul.allow_tf32 = True
-        torch.manual_seed(seed)
         yield dinfo, device
     finally:
         if dinfo.initialized_here:
@@ -114,7 +113,7 @@ def train(model: ModelConfig, cfg: TrainConfig, device_cfg: DeviceConfig, group:
     """Cache mode: train on `group`, cached by the encoder `spec` builds (saved in the policy
     file); `observation` is the data's observation spec. Returns `out_dir/final_policy.pt`."""
     out_dir = Path(out_dir)
-    with training_session(device_cfg, out_dir, resume, cfg.seed) as (dinfo, device):
+    with training_session(device_cfg, out_dir, resume) as (dinfo, device):
         encoder, fingerprint, fingerprint_options = worker_encoder(spec)
         if fingerprint != group.fingerprint:
             raise DprgbError(f"the cache was made by encoder {group.fingerprint[:12]}, the configured "
@@ -132,6 +131,8 @@ def train(model: ModelConfig, cfg: TrainConfig, device_cfg: DeviceConfig, group:
             run=run_record(group.tasks, group.episode_task, group.episode_index, train_mask,
                            source.action_mean, cfg.seed, "cache"),
         )
+        # seeded right here: the same weights on every rank, whatever was built before
+        torch.manual_seed(cfg.seed)
         policy = DiffusionRGBPolicy(config).to(device)
         policy.set_normalizer(source.normalizer.state_dict())
         run_config = {"model": model.to_dict(), "train": cfg.to_dict(), "device": device_cfg.to_dict()}
