@@ -64,10 +64,17 @@ class Settings:
         return self.mapping.get("groups") or {}
 
 
+DEFAULT_CONFIG = Path("dprgb.yaml")  # what every command reads when given no --config
+
+
 def load_settings(config_path: str | Path | None, group: str | None = None,
-                  overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Resolve the file, the group and the flags; refuse any key no concern owns, in the
-    file's defaults and in every group, with the closest known key as a hint."""
+                  overrides: Mapping[str, Any] | None = None, *,
+                  default: Path | None = DEFAULT_CONFIG) -> Settings:
+    """Resolve the file (`default` when none is given and it exists), the group and the
+    flags; refuse any key no concern owns, in the file's defaults and in every group, with the
+    closest known key as a hint."""
+    if config_path is None and default is not None and default.is_file():
+        config_path = default
     mapping = resolve_config(config_path, group, overrides)
     known = set(key_owners()) | set(STRUCTURE_KEYS)
     unknown = set(mapping) - known

@@ -44,9 +44,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 
 
 def _settings(config: Path | None, group: str | None = None, **flags: Any):  # -> app.Settings
-    """The command's settings: ./dprgb.yaml when no --config is given and it exists."""
-    if config is None and Path("dprgb.yaml").is_file():
-        config = Path("dprgb.yaml")
+    """The command's settings from --config (or the default file) and the flags."""
     if flags.get("tasks"):
         flags["tasks"] = [t for entry in flags["tasks"] for t in entry.replace(",", " ").split()]
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}

@@ -49,17 +49,16 @@ def read_only(config: Path, tasks: list[str], workers: int, batch_frames: int) -
     """(a): what precompute does minus the encoder and the write, on the same dask graph."""
     import dask
 
-    from dprgb.config import resolve_config
-from dprgb.pipeline.config import DataConfig
-    from dprgb.pipeline.episodes import check_usable, scan_task
-    from dprgb.pipeline.precompute import PrecomputeConfig, open_job_episode, plan_jobs
+    from dprgb.app import load_settings
+    from dprgb.pipeline.config import DataConfig, PrecomputeConfig
+    from dprgb.pipeline.episodes import check_usable, open_job_episode, plan_jobs, scan_task
 
     start = time.perf_counter()
-    cfg = DataConfig.from_mapping(resolve_config(config))
+    cfg = load_settings(config).get(DataConfig)
     scans = [scan_task(cfg, task) for task in tasks]
     for scan in scans:
         check_usable(cfg, scan)
-    jobs = [job for scan in scans for job in plan_jobs(cfg, scan)]
+    jobs = [job for scan in scans for job in plan_jobs(scan)]
 
     def read_episode(job) -> int:  # noqa: ANN001 - an EpisodeJob
         episode = open_job_episode(job)
@@ -68,21 +67,20 @@ from dprgb.pipeline.config import DataConfig
         return len(episode.steps)
 
     # As precompute's threaded path: one task per episode, min(workers, episodes) threads.
-    n_threads = min(PrecomputeConfig(workers=workers).num_workers, len(jobs))
+    n_threads = min(PrecomputeConfig(precompute_workers=workers).num_workers, len(jobs))
     graph = [dask.delayed(read_episode, pure=False)(job) for job in jobs]
     frames = sum(dask.compute(*graph, scheduler="threads", num_workers=n_threads))
     return {"frames": frames, "episodes": len(jobs), "seconds": time.perf_counter() - start}
 
 
 def full_precompute(config: Path, tasks: list[str], workers: int, batch_frames: int, cache_dir: Path) -> dict:
-    """(b), (c): the library call `dprgb precompute` makes, reference encoder, into a new cache."""
-    from dprgb.config import resolve_config
-from dprgb.pipeline.config import DataConfig
-    from dprgb.pipeline.precompute import PrecomputeConfig, precompute
+    """(b), (c): the call `dprgb precompute` makes (`dprgb.app.precompute`), reference
+    encoder, into a new cache."""
+    from dprgb import app
 
-    cfg = DataConfig.from_mapping(resolve_config(config))
-    pc = PrecomputeConfig(cache_dir=cache_dir, workers=workers, batch_frames=batch_frames)
-    result = precompute(cfg, pc, tasks)
+    settings = app.load_settings(config, overrides={
+        "cache_dir": str(cache_dir), "precompute_workers": workers, "batch_frames": batch_frames})
+    result = app.precompute(settings, tasks)
     return {"frames": result.frames, "episodes": len(result.computed), "seconds": result.seconds}
 
 
@@ -193,11 +191,11 @@ def disk_bytes(root: Path) -> int:
 
 
 def data_summary(config: Path) -> dict:
-    from dprgb.config import resolve_config
-from dprgb.pipeline.config import DataConfig
+    from dprgb.app import load_settings
+    from dprgb.pipeline.config import DataConfig
     from dprgb.pipeline.episodes import scan_task
 
-    cfg = DataConfig.from_mapping(resolve_config(config))
+    cfg = load_settings(config).get(DataConfig)
     summary = {"backbones": {}, "episodes": {}, "bytes": {}}
     for task in (TASK_A, TASK_B):
         scan = scan_task(cfg, task)

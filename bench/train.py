@@ -2,10 +2,12 @@
 
 For each model size it measures, on one device:
 
-  ours        steps/s of `dprgb.trainer.train.train` itself (the real loop: gather by index,
-              forward/backward, clip, AdamW, LR schedule, EMA), read from its metrics.jsonl
-              over the steps after warmup;
-  data ms     the window gather of our loop alone (synchronized), and its share of a step;
+  ours        steps/s of the real training loop, `dprgb.trainer.train.run_training` (the loop
+              `train` runs: gather by index, forward/backward, clip, AdamW, LR schedule, EMA),
+              set up as `train` sets it up (`CacheSource`, a policy from `policy_config`),
+              read from its metrics.jsonl over the steps after warmup;
+  data ms     a micro-batch of our loop's source alone (`CacheSource.train_batches`: the
+              window gather and the normalization, synchronized), and its share of a step;
   DataLoader  steps/s of the same model and the same optimizer/EMA step fed by a
               `torch.utils.data.DataLoader` over a Dataset whose __getitem__ cuts one padded
               window in Python (diffusion_policy's SequenceSampler way), default collate;
@@ -13,7 +15,9 @@ For each model size it measures, on one device:
   DDIM-10     latency of `predict_action` (10 DDIM steps) at batch 1.
 
 Data: a synthetic group of realistic size (50 episodes x 300 frames, D = 1280, A = 14) from a
-seeded generator, or a real cache (`--cache DIR [--tasks ...]`).
+seeded generator, or a real cache (`--cache DIR [--tasks ...]`). `train` itself is not called:
+it builds the cache's encoder to check the group's fingerprint, and a synthetic group was made
+by no encoder; the loop is the same one, and nothing is faked to pass that check.
 
     python bench/train.py --quick                 # CPU smoke run, a few minutes on 2 cores
     python bench/train.py --device cuda --amp     # the GPU numbers
@@ -22,12 +26,14 @@ seeded generator, or a real cache (`--cache DIR [--tasks ...]`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +41,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dprgb.cache.reader import CachedGroup
-from dprgb.trainer.config import TrainConfig
-from dprgb.trainer.policy import DiffusionRGBPolicy
-from dprgb.trainer.train import (
-    build_device_data,
-    build_ema,
-    build_lr_scheduler,
-    build_optimizer,
-    ema_decay,
-    train,
-)
-from dprgb.trainer.windows import gather_windows
+from dprgb.config import DeviceConfig
+from dprgb.trainer.cache_source import CacheSource
+from dprgb.trainer.config import ModelConfig, TrainConfig
+from dprgb.trainer.distributed import DistInfo
+from dprgb.trainer.policy import DiffusionRGBPolicy, policy_config
+from dprgb.trainer.setup import build_ema, build_lr_scheduler, build_optimizer, ema_decay
+from dprgb.trainer.train import Run, run_record, run_training, training_session
+from dprgb.trainer.windows import WindowIndex, split_episodes
 
 MODELS = {"small": (64, 128), "default": (256, 512, 1024)}
 
@@ -63,7 +66,7 @@ def synthetic_group(episodes: int = 50, frames: int = 300, obs_dim: int = 1280,
         episode_ends=np.arange(1, episodes + 1, dtype=np.int64) * frames,
         episode_task=np.zeros(episodes, dtype=np.int64),
         episode_index=np.arange(episodes, dtype=np.int64),
-        fingerprint="synthetic", action_layout={},
+        fingerprint="synthetic", action_layouts={},
     )
 
 
@@ -103,40 +106,85 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_ours(cfg: TrainConfig, group: CachedGroup, warmup: int, steps: int) -> float:
+def cache_source(model: ModelConfig, group: CachedGroup, val_episodes_per_task: int,
+                 device: torch.device) -> tuple[CacheSource, np.ndarray]:
+    """The cache-mode window source as `train` builds it: (source, train mask)."""
+    train_mask = split_episodes(group.episode_task, group.episode_index, val_episodes_per_task)
+    index = WindowIndex.build(group.episode_ends, train_mask, model.horizon, model.n_obs_steps,
+                              model.n_action_steps)
+    source = CacheSource(group, index, train_mask, model.obs_normalization, model.n_obs_steps, device)
+    return source, train_mask
+
+
+def steps_per_s_after(metrics: Path, warmup: int) -> float:
+    """Optimizer steps/s over the steps after `warmup`, from a run's metrics.jsonl (each log
+    record gives the rate since the previous one; the first is logged at step `warmup`)."""
+    records = [r for r in map(json.loads, metrics.open()) if "steps_per_s" in r]
+    previous, steps, seconds = 0, 0, 0.0
+    for record in records:
+        if previous >= warmup:
+            steps += record["step"] - previous
+            seconds += (record["step"] - previous) / record["steps_per_s"]
+        previous = record["step"]
+    return steps / seconds
+
+
+def bench_ours(model: ModelConfig, cfg: TrainConfig, device_cfg: DeviceConfig, group: CachedGroup,
+               warmup: int, steps: int) -> float:
     """steps/s of the real training loop over the steps after `warmup`."""
-    run = TrainConfig(**{**cfg.to_dict(), "max_steps": warmup + steps, "log_every_steps": warmup,
-                         "val_episodes_per_task": 0})
+    run_cfg = dataclasses.replace(cfg, max_steps=warmup + steps, log_every_steps=warmup,
+                                  val_episodes_per_task=0)
     with tempfile.TemporaryDirectory() as tmp:
-        train(run, group, Path(tmp), progress=False)
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").open()]
-    return records[-1]["steps_per_s"]
+        out = Path(tmp)
+        with training_session(device_cfg, out, False) as (dinfo, device):
+            source, train_mask = cache_source(model, group, run_cfg.val_episodes_per_task, device)
+            config = policy_config(
+                model, group.obs_dim, group.action_dim, tasks=list(group.tasks),
+                action_layouts=group.action_layouts, cache_fingerprint=group.fingerprint,
+                run=run_record(group.tasks, group.episode_task, group.episode_index, train_mask,
+                               source.action_mean, run_cfg.seed, "cache"),
+            )
+            torch.manual_seed(run_cfg.seed)  # as `train`: seeded right before the head is built
+            policy = DiffusionRGBPolicy(config).to(device)
+            policy.set_normalizer(source.normalizer.state_dict())
+            run_config = {"model": model.to_dict(), "train": run_cfg.to_dict(),
+                          "device": device_cfg.to_dict()}
+            run = Run(run_cfg, out, run_config, config, dinfo, device, resume=False, progress=False)
+            # The group was made by no encoder: the (discarded) final_policy.pt gets an empty
+            # stand-in for the frozen encoder a cache-trained policy file carries.
+            run_training(run, source, policy, frozen_encoder=torch.nn.Identity())
+        return steps_per_s_after(out / "metrics.jsonl", warmup)
 
 
-def bench_gather(cfg: TrainConfig, group: CachedGroup, device: torch.device, n: int) -> float:
-    """ms per batch of our window gather alone (device-resident data)."""
-    train_mask = np.ones(len(group.episode_ends), dtype=bool)
-    data = build_device_data(group, train_mask, cfg, device)
+def bench_gather(model: ModelConfig, cfg: TrainConfig, group: CachedGroup, device: torch.device,
+                 n: int) -> float:
+    """ms per micro-batch of our loop's data path alone (device-resident data)."""
+    source, _ = cache_source(model, group, 0, device)
     gen = torch.Generator(device=device).manual_seed(0)
-    perm = torch.randperm(len(data.train_ids), generator=gen, device=device)
-    batches = perm[: (len(perm) // cfg.batch_size) * cfg.batch_size].view(-1, cfg.batch_size)
+
+    def batches(source: CacheSource) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:  # epochs, as the loop draws them
+            order = source.epoch_order(gen)
+            yield from source.train_batches(order, 0, len(order) // cfg.batch_size, cfg.batch_size,
+                                            DistInfo())
+
+    it = batches(source)
     times = []
     for i in range(n + 3):
         sync(device)
         t0 = time.perf_counter()
-        nobs, naction = gather_windows(data.nfeatures, data.nactions, data.rows,
-                                       batches[i % len(batches)], cfg.n_obs_steps)
+        nobs, naction = next(it)
         sync(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    del data
+    del it, source
     return 1000 * statistics.median(times)
 
 
-def bench_dataloader(cfg: TrainConfig, group: CachedGroup, device: torch.device, warmup: int,
-                     steps: int, workers: int) -> tuple[float, float]:
+def bench_dataloader(model: ModelConfig, cfg: TrainConfig, group: CachedGroup, device: torch.device,
+                     warmup: int, steps: int, workers: int) -> tuple[float, float]:
     """(steps/s of the same step fed by a DataLoader, ms per batch of the loader alone)."""
-    dataset = PerSampleWindows(group, cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps)
+    dataset = PerSampleWindows(group, model.horizon, model.n_obs_steps, model.n_action_steps)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0,
@@ -150,13 +198,12 @@ def bench_dataloader(cfg: TrainConfig, group: CachedGroup, device: torch.device,
     loader_ms = 1000 * (time.perf_counter() - t0) / steps
 
     torch.manual_seed(cfg.seed)
-    d = cfg.to_dict()
-    policy = DiffusionRGBPolicy({**d, "obs_dim": group.obs_dim, "action_dim": group.action_dim})
-    policy = policy.to(device)
-    train_mask = np.ones(len(group.episode_ends), dtype=bool)
-    normalizer = build_device_data(group, train_mask, cfg, device).normalizer
+    policy = DiffusionRGBPolicy(policy_config(model, group.obs_dim, group.action_dim)).to(device)
+    source, _ = cache_source(model, group, 0, device)  # the same normalizer as our loop's
+    normalizer = source.normalizer
+    del source
     policy.set_normalizer(normalizer.state_dict())
-    optimizer = build_optimizer(policy, cfg, device)
+    optimizer = build_optimizer(policy, cfg, 0.0, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_warmup_steps, 10**6)
     ema, ema_update = build_ema(policy)
     if cfg.compile:
@@ -188,13 +235,12 @@ def bench_dataloader(cfg: TrainConfig, group: CachedGroup, device: torch.device,
     return steps / (time.perf_counter() - t0), loader_ms
 
 
-def bench_latency(cfg: TrainConfig, group: CachedGroup, device: torch.device, n: int,
-                  warmup: int = 3) -> float:
-    """Median ms of predict_action (DDIM, cfg.num_inference_steps) at batch 1."""
-    d = cfg.to_dict()
-    policy = DiffusionRGBPolicy({**d, "obs_dim": group.obs_dim, "action_dim": group.action_dim})
+def bench_latency(model: ModelConfig, cfg: TrainConfig, group: CachedGroup, device: torch.device,
+                  n: int, warmup: int = 3) -> float:
+    """Median ms of predict_action (DDIM, model.num_inference_steps) at batch 1."""
+    policy = DiffusionRGBPolicy(policy_config(model, group.obs_dim, group.action_dim))
     policy = policy.to(device).eval()
-    obs = torch.as_tensor(group.features[: cfg.n_obs_steps])[None].to(device)  # (1, To, D)
+    obs = torch.as_tensor(group.features[: model.n_obs_steps])[None].to(device)  # (1, To, D)
     times = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
         for i in range(n + warmup):
@@ -259,22 +305,22 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name in args.models:
-        cfg = TrainConfig(down_dims=MODELS[name], batch_size=batch, amp=args.amp,
-                          compile=args.compile, device=str(device), lr_warmup_steps=10)
+        model = ModelConfig(down_dims=MODELS[name])
+        cfg = TrainConfig(batch_size=batch, amp=args.amp, compile=args.compile, lr_warmup_steps=10)
+        device_cfg = DeviceConfig(device=str(device))
         big = name == "default" and not on_cuda
         steps = args.steps or ((3 if big else 10) if args.quick else (8 if big else 50))
         warmup = args.warmup or (1 if big and args.quick else 3) + (5 if args.compile else 0)
         params = sum(x.numel() for x in DiffusionRGBPolicy(
-            {"obs_dim": group.obs_dim, "action_dim": group.action_dim,
-             "down_dims": list(MODELS[name])}).model.parameters())
+            policy_config(model, group.obs_dim, group.action_dim)).model.parameters())
         # alternate the two loops and keep each one's best: shared machines are noisy
         ours, dl, loader_ms = 0.0, 0.0, math.inf
         for _ in range(repeats):
-            ours = max(ours, bench_ours(cfg, group, warmup, steps))
-            dl_sps, dl_ms = bench_dataloader(cfg, group, device, warmup, steps, workers)
+            ours = max(ours, bench_ours(model, cfg, device_cfg, group, warmup, steps))
+            dl_sps, dl_ms = bench_dataloader(model, cfg, group, device, warmup, steps, workers)
             dl, loader_ms = max(dl, dl_sps), min(loader_ms, dl_ms)
-        gather_ms = bench_gather(cfg, group, device, 20)
-        latency = bench_latency(cfg, group, device, 3 if big else 20, 1 if big else 3)
+        gather_ms = bench_gather(model, cfg, group, device, 20)
+        latency = bench_latency(model, cfg, group, device, 3 if big else 20, 1 if big else 3)
         row = {"model": name, "down_dims": list(MODELS[name]), "params_M": params / 1e6,
                "batch": batch, "ours_steps_per_s": ours, "dataloader_steps_per_s": dl,
                "speedup": ours / dl, "ours_data_ms": gather_ms,

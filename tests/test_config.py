@@ -299,3 +299,19 @@ def test_example_config_in_the_repository_is_valid():
         settings.get(config_type)  # every concern's config builds and validates
     assert [root.backbone for root in settings.get(DataConfig).rgb_zarr_roots] == ["croco", "vggt"]
     assert settings.get(TrainConfig).epochs == 300  # the group overrides the default
+
+
+def test_the_readme_key_table_is_the_code_s():
+    """The README's table of concerns and keys says what `key_owners()` says."""
+    from dprgb.app import key_owners
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        if line.startswith("| `") and "Config` |" in line:
+            concern, keys = line.strip("|").split("|")[:2]
+            rows[concern.strip(" `")] = [k.strip(" `") for k in keys.split(",")]
+    expected = {}
+    for key, owner in key_owners().items():
+        expected.setdefault(owner.__name__, []).append(key)
+    assert rows == expected
