@@ -78,7 +78,7 @@ class Cache:
         """The tasks' episodes as contiguous arrays (one read per episode, one concatenate)."""
         records = []
         for task in tasks:
-            if not self.episode_paths(task):
+            if not self.episode_paths(task) or task not in self.manifest["tasks"]:
                 raise DprgbError(
                     f"task {task!r} has no cached episodes: run `dprgb precompute`", path=self.cache_dir
                 )

@@ -151,13 +151,15 @@ class TrainingState:
                       "shuffle_epoch_start": torch.Generator(device=device)}
         return cls(policy, ema, ema_update, optimizer, lr_scheduler, generators)
 
-    def save(self, path: Path, *, run_config: dict, policy_config: dict) -> None:
+    def save(self, path: Path, resume_at: tuple[int, int], *, run_config: dict,
+             policy_config: dict) -> None:
+        """`resume_at` = (epoch, epoch_step): where a resumed run continues."""
         ckpt_io.save_train_state(
             path, run_config=run_config, policy_config=plain(policy_config),
             model=self.policy.state_dict(), ema_model=self.ema.state_dict(),
             normalizer=self.policy.normalizer_state(), optimizer=self.optimizer.state_dict(),
-            lr_scheduler=self.lr_scheduler.state_dict(), step=self.step, epoch=self.epoch,
-            epoch_step=self.epoch_step, rng=ckpt_io.rng_state(self.generators),
+            lr_scheduler=self.lr_scheduler.state_dict(), step=self.step, epoch=resume_at[0],
+            epoch_step=resume_at[1], rng=ckpt_io.rng_state(self.generators),
         )
 
     def restore(self, path: Path, *, run_config: dict, policy_config: dict) -> None:

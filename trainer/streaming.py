@@ -2,7 +2,7 @@
 
 The cache path turns every aligned step into one vector once; finetune mode trains the
 encoder, so every training step needs the raw feature maps again. This module gives the
-training loop (`run_training`) the same kind of source as the cache's `DeviceData`, over raw
+training loop (`run_training`) the same kind of source as the cache's `CacheSource`, over raw
 features:
 
 - `RawGroup`: a group's episode tables (`episode_ends`, `episode_task`, `episode_index`, the
@@ -13,8 +13,8 @@ features:
   the frames whose cached vectors the cache path would gather.
 - `RawWindows`: a map-style `torch.utils.data.Dataset` whose item is one micro-batch:
   `dataset[window_ids]`. A worker reopens episodes itself from `EpisodeJob`s (small,
-  picklable; precompute's `open_job_episode`), keeps a few open (LRU), and cuts each episode's
-  windows with `window_rows` on that episode's length: the cache path's padding semantics.
+  picklable; `pipeline.episodes.open_job_episode`), keeps a few open (LRU), and cuts each
+  episode's windows with the group's `WindowIndex` (the cache path's padding semantics).
   A micro-batch's frames are read with ONE `episode.read_frames(steps)` per episode it touches
   (the slot policy of each backbone applies, so each chunk is decoded once per micro-batch),
   and only the DISTINCT frames are returned, `frames[name] (U, Hf, Wf, C)`, with `index
@@ -35,10 +35,13 @@ features:
   between blocks within a micro-batch, no item depends on what a worker read before, and a
   worker's memory is one micro-batch, not a buffer of blocks.
 - `StreamSource`: the loop's interface (`epoch_order`, `train_batches(order, first, stop,
-  ...)`, `val_batches`, `close`) over one DataLoader (workers, prefetching, pinned memory on
+  ...)`, `heldout`, `close`) over one DataLoader (workers, prefetching, pinned memory on
   CUDA, persistent workers across epochs). Every item is self-contained, so the DataLoader's
   in-order delivery gives the same batches with 0 or N workers, and memory in flight is
   bounded by (num_workers x prefetch_factor + 1) micro-batches whatever the data set size.
+
+Validation (`heldout`, `encoded_heldout`) encodes the held-out episodes with `encode_steps`,
+exactly as `dprgb eval` does for a finetuned policy, so both give the same numbers.
 
 Errors in a worker (an all-zero frame, a corrupt chunk) come back as data and are raised in
 the training process as the same one-line `DprgbError`.

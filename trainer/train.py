@@ -241,10 +241,7 @@ def save_checkpoint(run: Run, state: TrainingState, frozen_encoder: torch.nn.Mod
     rest of this one; at the last step also `final_policy.pt`."""
     if not run.dinfo.is_main:
         return
-    epoch, epoch_step = state.epoch, state.epoch_step
-    if is_epoch_end:
-        state.epoch, state.epoch_step = epoch + 1, 0
-    state.save(run.checkpoint_path, run_config=run.run_config, policy_config=run.policy_config)
-    state.epoch, state.epoch_step = epoch, epoch_step
+    resume_at = (state.epoch + 1, 0) if is_epoch_end else (state.epoch, state.epoch_step)
+    state.save(run.checkpoint_path, resume_at, run_config=run.run_config, policy_config=run.policy_config)
     if final:
         save_final(run, state, frozen_encoder)
