@@ -12,9 +12,10 @@ once, then measures, each in a fresh process (its own peak RSS):
       with 0 / N DataLoader workers: distinct frames decoded per second (each micro-batch reads
       the distinct frames of its windows), windows (samples) per second; and the loader over N
       and 2N episodes (its memory must not grow with the data);
-  (c) cache-mode training (`train`), (d) finetune with the encoder frozen, (e) finetune with
-      the encoder trained: samples/s = optimizer steps/s x batch over the steps after warmup,
-      same head, same batch; (c)/(e) is what the cache buys.
+  (c) cache-mode training, (d) finetune with the encoder frozen, (e) finetune with the encoder
+      trained, each as `dprgb train [--finetune [--freeze-encoder]]` runs it (`dprgb.app.train`):
+      samples/s = optimizer steps/s x batch over the steps after warmup, same head, same
+      batch; (c)/(e) is what the cache buys.
 
 Peak RSS: the measuring process's own VmHWM; for loader workers, the largest worker's
 (`RUSAGE_CHILDREN`; a forked worker's figure includes pages it shares with its parent).
@@ -47,25 +48,22 @@ MODELS = {"small": (64, 128), "default": (256, 512, 1024)}
 # ------------------------------------------------------------------------------ children
 
 
-def load_settings(config: Path, cache_dir: Path) -> tuple:
-    from dprgb.config import resolve_config
-from dprgb.pipeline.config import DataConfig
-    from dprgb.pipeline.precompute import PrecomputeConfig
+def bench_settings(config: Path, cache_dir: Path, args: argparse.Namespace | None = None,
+                   **overrides: object):  # noqa: ANN201 - a dprgb.app.Settings
+    """The data set's settings with the bench's cache, and with `args`, a measurement's head,
+    batch, loader and step counts (`dprgb.app.load_settings`, as the CLI resolves flags)."""
+    from dprgb.app import load_settings
 
-    settings = resolve_config(config)
-    pc = PrecomputeConfig.from_mapping({**settings, "cache_dir": cache_dir})
-    return DataConfig.from_mapping(settings), pc
-
-
-def train_config(args: argparse.Namespace, **overrides):
-    from dprgb.trainer.config import TrainConfig
-
-    return TrainConfig(
-        down_dims=MODELS[args.model], batch_size=args.batch_size, horizon=16, n_obs_steps=2,
-        n_action_steps=8, val_episodes_per_task=0, lr_warmup_steps=5, device=args.device,
-        num_workers=args.child_workers, block_windows=args.block_windows, epochs=10**6,
-        max_steps=args.warmup + args.steps, log_every_steps=args.warmup, **overrides,
-    )
+    values: dict[str, object] = {"cache_dir": str(cache_dir)}
+    if args is not None:
+        values |= {
+            "down_dims": list(MODELS[args.model]), "horizon": 16, "n_obs_steps": 2, "n_action_steps": 8,
+            "batch_size": args.batch_size, "val_episodes_per_task": 0, "lr_warmup_steps": 5,
+            "epochs": 10**6, "max_steps": args.warmup + args.steps, "log_every_steps": args.warmup,
+            "num_workers": args.child_workers, "block_windows": args.block_windows,
+            "device": args.device,
+        }
+    return load_settings(config, overrides={**values, **overrides})
 
 
 def loader(args: argparse.Namespace) -> dict:
@@ -73,17 +71,23 @@ def loader(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
+    from dprgb.pipeline.config import DataConfig
     from dprgb.pipeline.episodes import scan_task
+    from dprgb.trainer.config import FinetuneConfig, ModelConfig, TrainConfig
+    from dprgb.trainer.distributed import DistInfo
     from dprgb.trainer.normalizer import LinearNormalizer, identity
     from dprgb.trainer.streaming import StreamSource, raw_group
-    from dprgb.trainer.train import DistInfo
+    from dprgb.trainer.windows import WindowIndex
 
-    data, _ = load_settings(args.config, args.cache_dir)
+    settings = bench_settings(args.config, args.cache_dir, args)
+    data, model = settings.get(DataConfig), settings.get(ModelConfig)
+    cfg, ft = settings.get(TrainConfig), settings.get(FinetuneConfig)
     group = raw_group(data, [scan_task(data, task) for task in args.tasks])
-    cfg = train_config(args)
     normalizer = LinearNormalizer({"action": identity(group.action_dim)})
     train_mask = np.ones(len(group.episode_ends), dtype=bool)
-    source = StreamSource(group, train_mask, cfg, normalizer, torch.device("cpu"))
+    index = WindowIndex.build(group.episode_ends, train_mask, model.horizon, model.n_obs_steps,
+                              model.n_action_steps)
+    source = StreamSource(group, index, normalizer, ft, cfg.seed, model.n_obs_steps, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     frames = windows = 0
     start = None
@@ -107,24 +111,21 @@ def loader(args: argparse.Namespace) -> dict:
 
 
 def training(args: argparse.Namespace) -> dict:
-    """(c), (d), (e): the library calls `dprgb train [--finetune [--freeze-encoder]]` make."""
-    from dprgb.cache.reader import open_cache
-    from dprgb.trainer.finetune import finetune
-    from dprgb.trainer.train import train
+    """(c), (d), (e): the call `dprgb train [--finetune [--freeze-encoder]]` makes."""
+    from train import steps_per_s_after  # bench/train.py
 
-    data, pc = load_settings(args.config, args.cache_dir)
+    from dprgb import app
+    from dprgb.pipeline.config import DataConfig
+
     out = Path(args.result).with_suffix(".run")
     shutil.rmtree(out, ignore_errors=True)
+    modes = {} if args.child == "cache" else {"finetune": True, "freeze_encoder": args.child == "frozen"}
+    settings = bench_settings(args.config, args.cache_dir, args, save_dir=str(out), **modes)
+    data = settings.get(DataConfig)
     start = time.perf_counter()
-    if args.child == "cache":
-        group = open_cache(args.cache_dir).load_group(args.tasks)
-        train(train_config(args), group, out, progress=False)
-    else:
-        cfg = train_config(args, finetune=True, freeze_encoder=args.child == "frozen")
-        finetune(cfg, data, pc, args.tasks, out, progress=False)
+    result = app.train(settings, "bench", args.tasks, progress=False)
     seconds = time.perf_counter() - start
-    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-    steps_per_s = records[-1]["steps_per_s"]  # over the steps after warmup
+    steps_per_s = steps_per_s_after(result["checkpoint"].parent / "metrics.jsonl", args.warmup)
     shutil.rmtree(out, ignore_errors=True)
     return {"steps_per_s": steps_per_s, "samples_per_s": steps_per_s * args.batch_size,
             "seconds": seconds, "steps": args.steps, "episodes": len(data_episodes(data, args.tasks))}
@@ -139,7 +140,8 @@ def data_episodes(data, tasks: list[str]) -> list[tuple[str, int]]:  # noqa: ANN
 def child_main(args: argparse.Namespace) -> None:
     import torch
 
-    import dprgb.trainer.finetune  # noqa: F401 - imports are not part of the measurement
+    import dprgb.app  # noqa: F401 - imports are not part of the measurement
+    import dprgb.trainer.finetune  # noqa: F401
 
     torch.set_num_threads(args.threads)
     out = loader(args) if args.child == "loader" else training(args)
@@ -226,10 +228,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     (scratch / "read").mkdir(parents=True, exist_ok=True)
     both, one = [pbench.TASK_A, pbench.TASK_B], [pbench.TASK_A]
     print("precomputing the cache for (c) ...", flush=True)
-    data, pc = load_settings(config, work / "cache")  # beside scratch/ (pbench clears its cache/)
-    from dprgb.pipeline.precompute import precompute
+    from dprgb import app
 
-    precompute(data, pc, both)
+    app.precompute(bench_settings(config, work / "cache"), both)  # beside scratch/ (pbench clears its cache/)
 
     top = max(args.workers)
     rows = []

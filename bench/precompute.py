@@ -67,7 +67,7 @@ def read_only(config: Path, tasks: list[str], workers: int, batch_frames: int) -
         return len(episode.steps)
 
     # As precompute's threaded path: one task per episode, min(workers, episodes) threads.
-    n_threads = min(PrecomputeConfig(precompute_workers=workers).num_workers, len(jobs))
+    n_threads = min(PrecomputeConfig(precompute_workers=workers).parallel_episodes, len(jobs))
     graph = [dask.delayed(read_episode, pure=False)(job) for job in jobs]
     frames = sum(dask.compute(*graph, scheduler="threads", num_workers=n_threads))
     return {"frames": frames, "episodes": len(jobs), "seconds": time.perf_counter() - start}
