@@ -51,9 +51,15 @@ class Settings:
 
     mapping: dict[str, Any]
     source: str | None  # the config file, for messages
+    cache_resolved: bool = False  # cache_dir (and an unnamed encoder) decided by `resolve_cache`
 
     def get(self, config_type: type[Config]) -> Any:
-        return config_type.from_mapping(self.mapping)
+        try:
+            return config_type.from_mapping(self.mapping)
+        except DprgbError as err:  # a value's check names no file: the config file is where it is
+            if err.path is None and self.source:
+                raise DprgbError(err.problem, path=self.source) from None
+            raise
 
     @property
     def group(self) -> str | None:
@@ -102,25 +108,53 @@ def feature_stores(settings: Settings) -> list[dict[str, Any]]:
     return features_report(settings.get(DataConfig))
 
 
-def cache_report(settings: Settings, tasks_named: bool) -> dict[str, Any]:
-    """`inspect cache`: the named tasks, else every task the cache's manifest lists."""
+def cache_report(settings: Settings, tasks_named: bool, verify: bool = False) -> dict[str, Any]:
+    """`inspect cache`: the named tasks, else every task the cache's manifest lists. With
+    `verify`, every episode's arrays are read and checked against their digests: each row gets
+    "damaged" ([{"episode", "path", "problem"}]) and the status "damage" (one line, or None)."""
     from dprgb.cache.manifest import read_manifest
+    from dprgb.pipeline.episodes import select_tasks
 
-    data, pc = settings.get(DataConfig), settings.get(PrecomputeConfig)
+    data = settings.get(DataConfig)
+    settings = resolve_cache(settings, lambda: _scans(data, list(data.tasks or []) or select_tasks(data)))
+    pc = settings.get(PrecomputeConfig)
     manifest = read_manifest(pc.cache_dir) or {}
     selected = list(data.tasks or []) if tasks_named else list(manifest.get("tasks", {}))
-    return _cache_status(settings, _scans(data, selected))[0]
+    status = _cache_status(settings, _scans(data, selected))[0]
+    status["verified"] = verify
+    if verify:
+        from dprgb.cache import open_cache
+
+        damaged = open_cache(pc.cache_dir).damaged([row["task"] for row in status["tasks"]])
+        for row in status["tasks"]:
+            row["damaged"] = damaged.get(row["task"], [])
+        status["damage"] = _damage_line([bad for rows in damaged.values() for bad in rows], damaged)
+    return status
+
+
+def _damage_line(bad: list[dict], damaged: dict[str, list[dict]]) -> str | None:
+    """'N cache episode(s) fail verification (task [eps]; ...); first: <folder>: <problem>', or None."""
+    if not bad:
+        return None
+    per_task = "; ".join(f"{task} {[b['episode'] for b in rows]}" for task, rows in damaged.items() if rows)
+    return (f"{len(bad)} cache episode(s) fail verification ({per_task}); first: {bad[0]['path']}: "
+            f"{bad[0]['problem']}")
 
 
 def checkpoint_summary(path: Path, nhead: int | None) -> dict[str, Any]:
     """A dprgb policy file's config, or an RGB2PC checkpoint's structure."""
     from dprgb.pipeline.encoders import describe_rgb2pc
-    from dprgb.trainer.checkpoint import POLICY_FORMAT, load, load_policy
+    from dprgb.trainer.checkpoint import POLICY_FORMAT, is_torch_file, load, load_policy
 
+    if Path(path).is_file() and not is_torch_file(path):
+        raise DprgbError("not a checkpoint: not a file torch.save writes", path=path)
     try:
-        fmt = load(path, (), "checkpoint").get("format")
+        obj = load(path, (), "checkpoint")
+        fmt = obj.get("format") if isinstance(obj, dict) else None
     except DprgbError:  # an RGB2PC checkpoint pickles its args: described by the restricted loader
         fmt = None
+    if isinstance(fmt, str) and fmt.startswith(POLICY_FORMAT.split("/")[0]):  # any version: say which
+        fmt = POLICY_FORMAT
     if fmt != POLICY_FORMAT:
         return {"kind": "rgb2pc", **describe_rgb2pc(path, **({"nhead": nhead} if nhead else {}))}
     ckpt = load_policy(path)
@@ -164,9 +198,84 @@ def precompute(settings: Settings, tasks: list[str], *, overwrite: bool = False,
                on_progress: Callable[[int, int, int, int], None] | None = None) -> Any:
     from dprgb.pipeline.precompute import precompute as run_precompute
 
+    settings = resolve_cache(settings, lambda: _scans(settings.get(DataConfig), tasks))
     return run_precompute(settings.get(DataConfig), settings.get(EncoderConfig),
                           settings.get(PrecomputeConfig), settings.get(DeviceConfig), tasks,
                           overwrite=overwrite, on_progress=on_progress)
+
+
+# ---- which cache, which encoder ---------------------------------------------------------------
+
+ENCODER_KEYS = ("encoder", "encoder_weights", "encoder_options")
+
+
+def cache_folder(root: Path, kind: str, fingerprint: str) -> Path:
+    """Where the cache of an encoder other than the root's goes: `<root>/<kind>-<12 hex>/`
+    (its kind and fingerprint), so caches of several encoders live side by side."""
+    return Path(root) / f"{kind}-{fingerprint[:12]}"
+
+
+def caches_under(root: Path) -> dict[Path, dict]:
+    """Every cache under `cache_dir` -> its manifest: the root's own, then the others'."""
+    from dprgb.cache.manifest import MANIFEST_NAME, read_manifest
+
+    root = Path(root)
+    found = {root: read_manifest(root)} if (root / MANIFEST_NAME).is_file() else {}
+    if root.is_dir():
+        found.update({child: read_manifest(child) for child in sorted(root.iterdir())
+                      if child.is_dir() and (child / MANIFEST_NAME).is_file()})
+    return found
+
+
+def resolve_cache(settings: Settings, scans: Callable[[], list], fingerprint: str | None = None) -> Settings:
+    """THE one place the cache folder and, when the config names no encoder, the encoder are
+    decided (precompute, inspect cache, train, finetune and eval call it): settings whose
+    `cache_dir` is that folder.
+
+    Layout: `cache_dir` holds the first encoder's cache, as it always did; the cache of
+    another encoder goes beside it, in `cache_folder`. Encoders are named once: with `encoder`
+    unset, the one cache there is (of the policy's `fingerprint`, for eval) gives the encoder
+    its manifest records (spec, weights, options; the config's own keys win); with several,
+    the config must name one. `scans()` gives the backbones a named encoder is built for."""
+    from dprgb.pipeline.encoding import encoder_spec, worker_encoder
+
+    if settings.cache_resolved:
+        return settings
+    root = settings.get(PrecomputeConfig).cache_dir
+    caches = caches_under(root)
+    if "encoder" not in settings.mapping:
+        found = {path: m for path, m in caches.items()
+                 if fingerprint is None or m["encoder"]["fingerprint"] == fingerprint}
+        if len(found) > 1:
+            listed = ", ".join(f"{path} ({m['encoder']['spec']})" for path, m in found.items())
+            raise DprgbError(f"{len(found)} caches of different encoders: {listed}; name the encoder "
+                             "(encoder: in the config, or --encoder)", path=root)
+        if found:
+            ((path, manifest),) = found.items()
+            return _with(settings, cache_dir=str(path), **_manifest_encoder(manifest, settings, path))
+    if not caches:  # the first cache goes to the root
+        return _with(settings, cache_dir=str(root))
+    _, fp, options = worker_encoder(encoder_spec(settings.get(EncoderConfig), settings.get(DeviceConfig),
+                                                 scans()))
+    beside = cache_folder(root, options["encoder"], fp)
+    if beside in caches or (root in caches and caches[root]["encoder"]["fingerprint"] != fp):
+        return _with(settings, cache_dir=str(beside))
+    return _with(settings, cache_dir=str(root))
+
+
+def _manifest_encoder(manifest: dict, settings: Settings, path: Path) -> dict[str, Any]:
+    """The encoder keys a cache's manifest records, for those the config leaves unset."""
+    encoder = manifest["encoder"]
+    if ":" in encoder["spec"] and not Path(encoder["spec"]).exists():  # a plugin: code a file never picks
+        raise DprgbError(f"the cache was made by plugin encoder {encoder['spec']!r}: name it (encoder: "
+                         f"{encoder['spec']}); dprgb never imports code a file names", path=path)
+    recorded = {"encoder": encoder["spec"], "encoder_weights": encoder.get("weights"),
+                "encoder_options": encoder.get("options") or {}}
+    return {k: v for k, v in recorded.items() if k not in settings.mapping}
+
+
+def _with(settings: Settings, **keys: Any) -> Settings:
+    return Settings({**settings.mapping, **keys}, settings.source, cache_resolved=True)
 
 
 # ---- the cache gate --------------------------------------------------------------------------
@@ -187,6 +296,7 @@ def fresh_cached_group(settings: Settings, scans: list, allow_stale: bool = Fals
     unless `allow_stale_cache`."""
     from dprgb.cache import open_cache
 
+    settings = resolve_cache(settings, lambda: scans)
     pc = settings.get(PrecomputeConfig)
     status, spec = _cache_status(settings, scans)
     missing = {row["task"]: row["missing"] for row in status["tasks"] if row["missing"]}
@@ -202,7 +312,8 @@ def fresh_cached_group(settings: Settings, scans: list, allow_stale: bool = Fals
             "or pass --allow-stale-cache",
             path=pc.cache_dir,
         )
-    return open_cache(pc.cache_dir).load_group([scan.task for scan in scans]), spec
+    selected = {scan.task: scan.usable_episodes for scan in scans}  # (expert_data_num applied)
+    return open_cache(pc.cache_dir).load_group(list(selected), only=selected), spec
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -215,42 +326,115 @@ def run_folder(settings: Settings, group: str, finetune: bool) -> Path:
     return out / "finetune" if finetune else out
 
 
-def group_tasks(settings: Settings, group: str, tasks_named: bool) -> list[str]:
+# What marks a folder as holding a run (an interrupted one too).
+RUN_MARKERS = ("final_policy.pt", "checkpoints", "metrics.jsonl", "config.yaml")
+
+
+def check_run_folder(out_dir: Path, *, resume: bool, overwrite_run: bool) -> None:
+    """THE run-folder rule: a new run never lands in a folder holding another (it would
+    overwrite it and mix two runs in metrics.jsonl); `--resume` continues that run,
+    `--overwrite-run` clears it first (`clear_run_folder`, once every gate has passed)."""
+    if resume and overwrite_run:
+        raise DprgbError("--resume continues the run here, --overwrite-run clears it: pass one", path=out_dir)
+    held = [name for name in RUN_MARKERS if (out_dir / name).exists()]
+    if held and not (resume or overwrite_run):
+        raise DprgbError(f"holds a run already ({', '.join(held)}): add --resume to continue it, set "
+                         "another save_dir, or pass --overwrite-run to clear it first", path=out_dir)
+
+
+def clear_run_folder(out_dir: Path, finetune: bool) -> None:
+    """Empty a run folder but a cache-mode run's `finetune/` (stage 2's own run); rank 0 only."""
+    import os
+    import shutil
+
+    if int(os.environ.get("RANK", "0")) != 0 or not out_dir.is_dir():
+        return
+    for child in out_dir.iterdir():
+        if child.name == "finetune" and not finetune:
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def heldout_warning(tasks: list[str], episode_task: Any, episode_index: Any, val_per_task: int) -> str | None:
+    """One line naming the tasks that hold out no episode (too few to spare one), or None."""
+    from dprgb.trainer.windows import split_episodes
+
+    if val_per_task == 0:  # asked for: no validation at all
+        return None
+    train_mask = split_episodes(episode_task, episode_index, val_per_task)
+    lacking = [task for t, task in enumerate(tasks) if train_mask[episode_task == t].all()]
+    if not lacking:
+        return None
+    return (f"no held-out episodes (no validation) for {', '.join(lacking)}: a task needs more "
+            f"than val_episodes_per_task={val_per_task} episodes to hold some out")
+
+
+def group_tasks(settings: Settings, group: str | None, tasks_named: bool) -> list[str]:
     from dprgb.pipeline.report import resolve_group_tasks
 
+    if not group:
+        raise DprgbError("dprgb train trains one group into SAVE_DIR/<group>: add --group NAME "
+                         "(with --tasks, any name for the run, e.g. --group mytasks)")
     data = settings.get(DataConfig)
     return list(data.tasks or []) if tasks_named else resolve_group_tasks(data, group, settings.groups)
 
 
 def train(settings: Settings, group: str, tasks: list[str], *, resume: bool = False,
-          progress: bool = True, allow_stale_cache: bool = False) -> dict[str, Any]:
-    """Cache mode, or finetune mode when `finetune` is set; returns what was trained where."""
+          progress: bool = True, allow_stale_cache: bool = False, overwrite_run: bool = False,
+          warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Cache mode, or finetune mode when `finetune` is set; returns what was trained where
+    (and "warnings", each also passed to `warn` before training starts)."""
     from dprgb.pipeline.episodes import observation_spec
     from dprgb.trainer.config import FinetuneConfig, ModelConfig, TrainConfig
 
     ft = settings.get(FinetuneConfig)
     if ft.init_checkpoint and not ft.finetune:
         raise DprgbError("--init starts a finetune run: add --finetune")
+    if settings.mapping.get("freeze_encoder") is False and not ft.finetune:
+        # the seed guide's stage-2 recipe: without finetune it would silently train stage 1
+        raise DprgbError("freeze_encoder: false trains the encoder, which only finetune mode does: "
+                         "add --finetune (finetune: true)", path=settings.source)
     model, cfg, device = settings.get(ModelConfig), settings.get(TrainConfig), settings.get(DeviceConfig)
     data = settings.get(DataConfig)
-    scans = _scans(data, tasks)
     out_dir = run_folder(settings, group, ft.finetune)
+    check_run_folder(out_dir, resume=resume, overwrite_run=overwrite_run)
+    scans = _scans(data, tasks)
+    settings = resolve_cache(settings, lambda: scans)  # also the encoder, when the config names none
+    warnings: list[str] = []
+
+    def start(groups: Any) -> None:  # every gate passed: say what to know, clear the folder
+        line = heldout_warning(list(groups.tasks), groups.episode_task, groups.episode_index,
+                               cfg.val_episodes_per_task)
+        if line is not None:
+            warnings.append(line)
+            if warn is not None:
+                warn(line)
+        if overwrite_run:
+            clear_run_folder(out_dir, ft.finetune)
+
     if ft.finetune:
         from dprgb.pipeline.encoding import encoder_spec
         from dprgb.trainer.finetune import finetune
         from dprgb.trainer.streaming import raw_group
 
         spec = encoder_spec(settings.get(EncoderConfig), device, scans)
-        final = finetune(model, cfg, ft, device, raw_group(data, scans), spec, observation_spec(scans),
+        raw = raw_group(data, scans)
+        start(raw)
+        final = finetune(model, cfg, ft, device, raw, spec, observation_spec(scans),
                          out_dir, resume=resume, progress=progress)
-        return {"group": group, "tasks": tasks, "mode": "finetune", "checkpoint": final}
+        return {"group": group, "tasks": tasks, "mode": "finetune", "checkpoint": final,
+                "warnings": warnings}
     from dprgb.trainer.train import train as run_train
 
     cached, spec = fresh_cached_group(settings, scans, allow_stale_cache)
+    start(cached)
+    record = {"data": {"tasks": list(cached.tasks), "expert_data_num": data.expert_data_num},
+              "cache": {"cache_dir": str(settings.get(PrecomputeConfig).cache_dir),
+                        "cache_fingerprint": cached.fingerprint}}
     final = run_train(model, cfg, device, cached, spec, observation_spec(scans), out_dir,
-                      resume=resume, progress=progress)
+                      resume=resume, progress=progress, record=record)
     return {"group": group, "tasks": tasks, "mode": "cache", "episodes": len(cached.episode_ends),
-            "checkpoint": final}
+            "checkpoint": final, "warnings": warnings}
 
 
 # ---- eval ------------------------------------------------------------------------------------
@@ -264,6 +448,7 @@ def evaluate(settings: Settings, checkpoint: Path, *, tasks_named: bool = False,
     import numpy as np
 
     from dprgb.trainer.cache_source import heldout_of
+    from dprgb.trainer.checkpoint import check_policy_config
     from dprgb.trainer.evaluate import evaluate as run_evaluate
     from dprgb.trainer.policy import DiffusionRGBPolicy
     from dprgb.trainer.streaming import encoded_heldout, raw_group
@@ -273,12 +458,14 @@ def evaluate(settings: Settings, checkpoint: Path, *, tasks_named: bool = False,
     plugin = settings.get(EncoderConfig).encoder if ":" in settings.get(EncoderConfig).encoder else None
     policy = DiffusionRGBPolicy.from_checkpoint(checkpoint, device, encoder=plugin)
     config = policy.config
+    check_policy_config(config, checkpoint, need=("tasks", "cache_fingerprint", "run"))  # (eval reads them)
     tasks = list(settings.get(DataConfig).tasks or []) if tasks_named else list(config["tasks"])
     scans = _scans(settings.get(DataConfig), tasks)
     held_out = {(task, int(ep)) for task, ep in config["run"]["val_episodes"]}
     if config["encoder"].get("trained"):
         group = raw_group(settings.get(DataConfig), scans)
-    else:
+    else:  # the cache of the policy's encoder, when the config names none
+        settings = resolve_cache(settings, lambda: scans, fingerprint=config["cache_fingerprint"])
         group, _ = fresh_cached_group(settings, scans)
         if group.fingerprint != config["cache_fingerprint"]:
             raise DprgbError(f"the policy was trained on cache {config['cache_fingerprint'][:12]}, this "
@@ -350,7 +537,8 @@ def demo(out: Path, *, spec: Any = None, progress: bool = True,
     for group, tasks in groups.items():
         settings = load_settings(config_path, group)
         start = time.perf_counter()
-        final = train(settings, group, tasks, progress=progress)["checkpoint"]
+        # the demo's own runs: a rerun of the demo replaces them
+        final = train(settings, group, tasks, progress=progress, overwrite_run=True)["checkpoint"]
         seconds[f"train {group}"] = time.perf_counter() - start
         start = time.perf_counter()
         report[group] = {"tasks": tasks, "checkpoint": str(final), "eval": evaluate(settings, final)}

@@ -6,6 +6,7 @@ are printed as one line with exit code 2; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -165,25 +166,40 @@ def inspect_cache(
     tasks: TasksOpt = None,
     encoder: Annotated[str | None, typer.Option(help="Encoder to compare the cache against.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="The cache to inspect.")] = None,
+    verify: Annotated[
+        bool, typer.Option(help="Read every episode and check it against its digests (exit 2 if damaged).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Is the cache complete and fresh for the current encoder, data and options?"""
+    """Is the cache complete and fresh for the current encoder, data and options? With
+    --verify, also undamaged?"""
     settings = _settings(config, tasks=tasks, encoder=encoder, cache_dir=cache_dir)
-    status = application.cache_report(settings, tasks_named=bool(tasks))
+    status = application.cache_report(settings, tasks_named=bool(tasks), verify=verify)
     if as_json:
         print(json.dumps(status))
-        return
+    else:
+        _render_cache_status(status)
+    if status.get("damage"):
+        raise DprgbError(status["damage"], path=status["cache_dir"])
+
+
+def _render_cache_status(status: dict) -> None:
+    columns = ["task", "cached/expected", "frames", "missing", "stale", "sources gone"]
     table = _table(f"cache {status['cache_dir']}  D={status['dim']} {status['feature_dtype']}",
-                   "task", "cached/expected", "frames", "missing", "stale", "sources gone")
+                   *columns, *(["damaged"] if status["verified"] else []))
     for row in status["tasks"]:
+        damaged = [str([bad["episode"] for bad in row["damaged"]])] if status["verified"] else []
         table.add_row(row["task"], f"{row['cached']}/{row['expected']}", str(row["frames"]),
-                      str(row["missing"]), str(row["stale"]), str(row["orphans"]))
+                      str(row["missing"]), str(row["stale"]), str(row["orphans"]), *damaged)
     console.print(table)
     state = "[red]STALE[/red]" if status["stale"] else "[green]fresh[/green]"
     reasons = [name for name in ("encoder_stale", "data_stale") if status[name]]
+    checked = ("arrays verified" if not status.get("damage") else "[red]DAMAGED[/red]") \
+        if status["verified"] else "arrays not verified: --verify"
     console.print(
         f"{state} (cache encoder {status['cache_fingerprint'][:12]}, "
-        f"current {status['current_fingerprint'][:12]}" + (f"; {', '.join(reasons)}" if reasons else "") + ")"
+        f"current {status['current_fingerprint'][:12]}" + (f"; {', '.join(reasons)}" if reasons else "")
+        + f"; {checked})"
     )
 
 
@@ -218,7 +234,7 @@ def precompute(
     group: Annotated[str | None, typer.Option("--group", "-g", help="Precompute a group's tasks.")] = None,
     encoder: Annotated[
         str | None,
-        typer.Option(help="'reference', an RGB2PC checkpoint, TorchScript file or module:factory."),
+        typer.Option(help="'reference', 'pooled', an RGB2PC checkpoint, TorchScript file or module:factory."),
     ] = None,
     encoder_weights: Annotated[str | None, typer.Option(help="State dict for a plugin encoder.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Where the cache goes.")] = None,
@@ -272,7 +288,9 @@ def precompute(
 
 @app.command()
 def train(
-    group: Annotated[str, typer.Option("--group", "-g", help="armN, or a group the config names.")],
+    group: Annotated[
+        str | None, typer.Option("--group", "-g", help="armN, or a group the config names.")
+    ] = None,
     config: ConfigOpt = None,
     tasks: TasksOpt = None,
     epochs: Annotated[int | None, typer.Option()] = None,
@@ -285,6 +303,9 @@ def train(
     compile: Annotated[bool | None, typer.Option(help="torch.compile the UNet.")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue from SAVE_DIR/<group>/checkpoints/latest.pt.")
+    ] = False,
+    overwrite_run: Annotated[
+        bool, typer.Option(help="Clear SAVE_DIR/<group> (a previous run) first.")
     ] = False,
     allow_stale_cache: Annotated[bool, typer.Option(help="Train on a cache that no longer matches.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -316,7 +337,9 @@ def train(
     )
     selected = application.group_tasks(settings, group, tasks_named=bool(tasks))
     result = application.train(settings, group, selected, resume=resume, progress=progress,
-                               allow_stale_cache=allow_stale_cache)
+                               allow_stale_cache=allow_stale_cache, overwrite_run=overwrite_run,
+                               warn=lambda line: err_console.print(f"warning: {line}", markup=False,
+                                                                   highlight=False, soft_wrap=True))
     how = "finetuned on raw features" if result["mode"] == "finetune" else f"{result['episodes']} episodes"
     console.print(f"{group}: {len(selected)} tasks, {how} -> {result['checkpoint']}")
 
@@ -358,14 +381,36 @@ def human_bytes(n: float) -> str:
 # ------------------------------------------------------------------------------------ main
 
 
+def dashed(args: list[str]) -> list[str]:
+    """`--batch_size 8` as `--batch-size 8`: the seed guide's flags spell options with
+    underscores, typer only with dashes (values are left alone)."""
+    out = []
+    for arg in args:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=dashed(sys.argv[1:]))
     except DprgbError as err:
         if _state["debug"]:
             raise
         err_console.print(f"error: {err.one_line()}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as err:  # last resort: a full or read-only disk that no layer reported
+        if _state["debug"] or err.errno not in DISK_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        err_console.print(f"error: {where}{err.strerror}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+# OSErrors that are the machine's state, not a bug: one line, like a DprgbError.
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG}
 
 
 if __name__ == "__main__":

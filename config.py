@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -41,13 +42,22 @@ STRUCTURE_KEYS = ("groups", "group", "extends")
 
 def _read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise DprgbError(f"cannot read config: {err.strerror}", path=path) from None
+    try:  # YAML is UTF-8; the locale's encoding would make the same file read differently
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DprgbError(f"config is not UTF-8 text (byte {raw[err.start]:#04x} on line {line}): "
+                         "save it as UTF-8", path=path) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise DprgbError(f"not valid YAML: {' '.join(str(err).split())}", path=path) from None
+        hint = ""
+        if "undefined alias" in str(err):  # the seed guide's `<<: *default` from another file
+            hint = "; YAML anchors do not cross files: write `extends: base.yaml` to inherit another file"
+        raise DprgbError(f"not valid YAML: {' '.join(str(err).split())}{hint}", path=path) from None
     if not isinstance(data, dict):
         raise DprgbError("config must be a mapping of keys to values", path=path)
     return data
@@ -66,20 +76,27 @@ def _resolve_paths(mapping: dict, base_dir: Path) -> dict:
     encoder = out.get("encoder")
     if isinstance(encoder, str) and encoder.endswith((".pt", ".pth", ".ts")):
         out["encoder"] = str((base_dir / encoder).resolve())
-    if isinstance(out.get("groups"), dict):
-        out["groups"] = {name: _resolve_paths(group or {}, base_dir) for name, group in out["groups"].items()}
+    if isinstance(out.get("groups"), dict):  # a group that is not a mapping is refused later, by name
+        out["groups"] = {name: _resolve_paths(group or {}, base_dir) if isinstance(group or {}, dict)
+                         else group for name, group in out["groups"].items()}
     return out
 
 
 def _resolve_root_entry(entry: Any, base_dir: Path) -> Any:
     if isinstance(entry, str):
-        return str((base_dir / entry).resolve())
+        return _absolute(base_dir / entry)
     if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-        return {**entry, "path": str((base_dir / entry["path"]).resolve())}
+        return {**entry, "path": _absolute(base_dir / entry["path"])}
     if isinstance(entry, dict) and len(entry) == 1:  # {backbone: path}
         ((backbone, path),) = entry.items()
-        return {"backbone": backbone, "path": str((base_dir / str(path)).resolve())}
+        return {"backbone": backbone, "path": _absolute(base_dir / str(path))}
     return entry
+
+
+def _absolute(path: Path) -> str:
+    """Absolute but not resolved: a feature root's backbone is read from its name, and a
+    symlink `features_vggt_..._zarr -> /data/export_v7` must keep the link's name."""
+    return os.path.abspath(path)
 
 
 def load_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -91,6 +108,8 @@ def load_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     parent = data.pop("extends", None)
     if parent is None:
         return data
+    if not isinstance(parent, str):
+        raise DprgbError(f"extends must be the path of a config file, got extends={parent!r}", path=path)
     base = load_config_file(path.parent / parent, (*_seen, path))
     groups = {**base.get("groups", {}), **data.get("groups", {})}
     merged = {**base, **data}
@@ -107,22 +126,38 @@ def resolve_config(
     """Defaults, then the named group's keys, then flags (None-valued flags are unset)."""
     data = load_config_file(path) if path is not None else {}
     groups = data.pop("groups", {}) or {}
+    if not isinstance(groups, dict):
+        raise DprgbError(f"groups must be a mapping of group names to keys, got {type(groups).__name__}",
+                         path=path)
     merged = dict(data)
-    if group is not None and group in groups:
-        merged.update(groups[group] or {})
+    if group is not None and isinstance(groups.get(group), dict):  # (not a mapping: refused by name)
+        merged.update(groups[group])
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     merged["groups"] = groups
     merged["group"] = group
     return merged
 
 
+# The seed guide's names for what dprgb calls otherwise (README: "Coming from the seed guide").
+SEED_NAMES = {
+    "rgb_ckpt_path": "dprgb calls it encoder (the RGB2PC checkpoint's path)",
+    "save_every": "dprgb calls it checkpoint_every_epochs",
+    "log_every": "dprgb calls it log_every_steps",
+    "tqdm": "no such key in dprgb: the progress bar is on, --no-progress turns it off",
+}
+
+
 def unknown_keys_error(unknown: Iterable[str], known: Iterable[str], source: str | None) -> DprgbError:
-    """One line naming every unknown key, each with the closest known one as a hint."""
+    """One line naming every unknown key, each with a hint: dprgb's name for a seed guide's
+    key, else the closest known one."""
     known = sorted(known)
     parts = []
     for key in sorted(unknown):
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        parts.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        if key in SEED_NAMES:
+            parts.append(f"{key} ({SEED_NAMES[key]})")
+        else:
+            parts.append(f"{key} (did you mean {close[0]}?)" if close else key)
     return DprgbError(f"unknown config key(s) {', '.join(parts)}", path=source or None)
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dprgb.cache.store import SCHEMA_VERSION
+from dprgb.cache.store import SCHEMA_VERSION, fsync_path
 from dprgb.errors import DprgbError
 
 MANIFEST_NAME = "manifest.json"
@@ -30,18 +30,34 @@ def options_fingerprint(options: dict[str, Any]) -> str:
 
 def source_identity(paths: list[Path]) -> str:
     """Identity of an episode's sources: every file of each feature store (metadata by
-    content, chunks by size and mtime) and each trajectory file by content."""
+    content, chunks by size and mtime) and each trajectory file by content.
+
+    Symlinked folders inside a store are followed (a data set assembled from links must go
+    stale when a chunk behind a link changes), each real folder once, so a link loop ends;
+    files are named by their path as seen through the links."""
+
+    def files_under(root: Path) -> list[Path]:
+        seen, found = set(), []
+        for folder, dirs, names in os.walk(root, followlinks=True):
+            seen.add(os.path.realpath(folder))
+            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in seen]
+            found += [Path(folder, name) for name in names if os.path.isfile(os.path.join(folder, name))]
+        return sorted(found)  # Path order, as rglob's listing was sorted: identities unchanged
+
     digest = hashlib.sha256()
     for root in paths:
-        files = sorted(p for p in Path(root).rglob("*") if p.is_file()) if root.is_dir() else [root]
+        files = files_under(Path(root)) if root.is_dir() else [root]
         for file in files:
             rel = file.relative_to(root).as_posix() if root.is_dir() else file.name
             digest.update(rel.encode())
-            if file.name in _METADATA_NAMES or not root.is_dir():
-                digest.update(hashlib.sha256(file.read_bytes()).digest())
-            else:
-                stat = file.stat()
-                digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            try:
+                if file.name in _METADATA_NAMES or not root.is_dir():
+                    digest.update(hashlib.sha256(file.read_bytes()).digest())
+                else:
+                    stat = file.stat()
+                    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            except OSError as err:
+                raise DprgbError(f"cannot read a source file: {err.strerror}", path=file) from None
     return digest.hexdigest()
 
 
@@ -101,8 +117,14 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    """Atomically and durably; only the holder of the cache lock (lock.py) writes it."""
     path = Path(cache_dir) / MANIFEST_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    # write, fsync, rename, fsync the folder: the old manifest or the new one after a power loss
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)

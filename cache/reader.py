@@ -68,21 +68,40 @@ class Cache:
     def episode_paths(self, task: str) -> dict[int, Path]:
         return cached_episodes(self.cache_dir, task)
 
-    def episodes(self, tasks: list[str] | None = None) -> Iterator[EpisodeRecord]:
-        """Every committed episode: records with task, episode, steps, features, actions."""
+    def episodes(self, tasks: list[str] | None = None,
+                 only: dict[str, list[int]] | None = None) -> Iterator[EpisodeRecord]:
+        """Every committed episode (or, for a task in `only`, those episodes): records with
+        task, episode, steps, features, actions. Each is verified against its digests
+        (store.py); a damaged one raises DprgbError."""
         for task in tasks or self.tasks():
-            for path in self.episode_paths(task).values():
-                yield read_episode(path, task)
+            for episode, path in self.episode_paths(task).items():
+                if only is None or task not in only or episode in only[task]:
+                    yield read_episode(path, task)
 
-    def load_group(self, tasks: list[str]) -> CachedGroup:
-        """The tasks' episodes as contiguous arrays (one read per episode, one concatenate)."""
+    def damaged(self, tasks: list[str] | None = None) -> dict[str, list[dict]]:
+        """task -> [{"episode", "path", "problem"}] for every committed episode that fails
+        verification (reads every array: `dprgb inspect cache --verify`)."""
+        report: dict[str, list[dict]] = {}
+        for task in tasks or self.tasks():
+            rows = report.setdefault(task, [])
+            for episode, path in self.episode_paths(task).items():
+                try:
+                    read_episode(path, task)
+                except DprgbError as err:
+                    rows.append({"episode": episode, "path": str(path), "problem": err.problem})
+        return report
+
+    def load_group(self, tasks: list[str], only: dict[str, list[int]] | None = None) -> CachedGroup:
+        """The tasks' episodes (for a task in `only`, those episodes) as contiguous arrays
+        (one read per episode, one concatenate); refuses a damaged episode with one line
+        naming its folder and the array."""
         records = []
         for task in tasks:
             if not self.episode_paths(task) or task not in self.manifest["tasks"]:
                 raise DprgbError(
                     f"task {task!r} has no cached episodes: run `dprgb precompute`", path=self.cache_dir
                 )
-            records.extend(self.episodes([task]))
+            records.extend(self.episodes([task], only))
         dims = {r.actions.shape[1] for r in records}
         if len(dims) > 1:
             by_task = {r.task: r.actions.shape[1] for r in records}

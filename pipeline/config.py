@@ -40,6 +40,7 @@ class DataConfig(Config):
     action_offset: int = 1  # action[t] = target[t + action_offset] (RoboTwin DP)
     slot_policy: dict[str, str] = field(default_factory=dict)  # backbone -> causal | any
     resample_segments: bool = False  # opt in to resampling planner segments onto frames
+    expert_data_num: int = 0  # use the first N episodes of each task, by episode number (0 = all)
 
     def validate(self) -> None:
         if not self.rgb_zarr_roots:
@@ -51,6 +52,8 @@ class DataConfig(Config):
             raise DprgbError(f"{self.action_source=} must be one of {ACTION_SOURCES}")
         if self.action_offset < 0:
             raise DprgbError(f"{self.action_offset=} must be >= 0")
+        if self.expert_data_num < 0:
+            raise DprgbError(f"{self.expert_data_num=} must be >= 0 (0 = every episode)")
         if not (self.use_left_arm or self.use_right_arm):
             raise DprgbError("use_left_arm and use_right_arm are both false: no action left")
         for backbone, policy in self.slot_policy.items():
@@ -135,7 +138,7 @@ def _backbone_of(root: str | Path) -> str:
 class EncoderConfig(Config):
     """The frozen frame encoder precompute runs and finetune starts from."""
 
-    encoder: str = "reference"  # "reference", an RGB2PC checkpoint, TorchScript, module:factory
+    encoder: str = "reference"  # "reference", "pooled", an RGB2PC checkpoint, TorchScript, module:factory
     encoder_weights: str | None = None  # state dict for a plugin / the reference encoder
     encoder_options: dict[str, Any] = field(default_factory=dict)  # e.g. {nhead: 20}
     encoder_amp: bool = False  # bf16 autocast for the encoder on CUDA (changes the features)
@@ -162,5 +165,5 @@ class PrecomputeConfig(Config):
             )
 
     @property
-    def num_workers(self) -> int:
+    def parallel_episodes(self) -> int:
         return self.precompute_workers or os.cpu_count() or 1

@@ -6,6 +6,8 @@ pipeline and the finetune path call only that interface and `encoder_fingerprint
 - `RGB2PCEncoder` (in `rgb2pc.py`): the trained features_model encoder, from its checkpoint.
 - `ReferenceEncoder`: a fixed, seeded, cheap encoder for the demo and for users without a
   trained RGB2PC.
+- `PooledEncoder` (`encoder: pooled`): each backbone's mean patch token, concatenated; the
+  baseline without RGB2PC (direct fusion), no weights.
 - Plugins: a TorchScript file or a `module:factory` callable, see `load_encoder`.
 
 A policy file carries its encoder as data (`encoder_record` + the state dict, and a
@@ -38,6 +40,7 @@ from dprgb.pipeline.rgb2pc import (
 
 __all__ = [
     "FrameEncoder",
+    "PooledEncoder",
     "RGB2PCEncoder",
     "ReferenceEncoder",
     "build_plugin",
@@ -188,6 +191,36 @@ class ReferenceEncoder(nn.Module):
         return {"backbone_dims": dict(self.backbone_dims), "out_dim": self.out_dim, "seed": self.seed}
 
 
+class PooledEncoder(nn.Module):
+    """The baseline without RGB2PC: per backbone, in root order, the mean over the Hf x Wf
+    patch tokens (fp32); concatenated, D = sum of C. No weights, deterministic."""
+
+    def __init__(self, backbone_dims: dict[str, int] | list):
+        super().__init__()
+        pairs = list(backbone_dims.items()) if isinstance(backbone_dims, dict) else list(backbone_dims)
+        if not pairs:
+            raise DprgbError("the pooled encoder needs at least one backbone")
+        self.backbone_dims = {str(name): int(c) for name, c in pairs}  # root order: the output's
+        self.backbones = list(self.backbone_dims)
+        self.out_dim = sum(self.backbone_dims.values())
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        """{name: (B, Hf, Wf, C)} -> (B, sum C)."""
+        pooled = []
+        for name in self.backbones:
+            fmap = features.get(name)
+            if fmap is None or fmap.ndim != 4 or fmap.shape[-1] != self.backbone_dims[name]:
+                got = None if fmap is None else tuple(fmap.shape)
+                raise DprgbError(f"pooled encoder needs {name} features (B, Hf, Wf, "
+                                 f"{self.backbone_dims[name]}); got {got}")
+            pooled.append(fmap.mean(dim=(1, 2), dtype=torch.float32))  # (B, C)
+        return torch.cat(pooled, dim=1)
+
+    def architecture(self) -> dict[str, Any]:
+        # pairs, not a mapping: the order is the output's and must survive any serializer
+        return {"backbone_dims": [[name, c] for name, c in self.backbone_dims.items()]}
+
+
 # ----------------------------------------------------------------------------- plugins
 
 
@@ -244,6 +277,15 @@ def _build_reference(backbone_dims: dict[str, int] | None, options: dict) -> tup
         "out_dim": encoder.out_dim,
         "seed": encoder.seed,
     }
+
+
+def _build_pooled(backbone_dims: dict[str, int] | None, options: dict) -> tuple[nn.Module, dict]:
+    _check_options(options, set(), "pooled")
+    if not backbone_dims:
+        raise DprgbError("the pooled encoder needs backbone_dims (name -> channels)")
+    encoder = PooledEncoder(backbone_dims)
+    # no weights to hash: the backbones, in order, are everything that shapes its output
+    return encoder, {"encoder": "pooled", **encoder.architecture()}
 
 
 def _build_rgb2pc(path: Path, backbone_dims: dict[str, int] | None, options: dict) -> tuple[nn.Module, dict]:
@@ -374,6 +416,7 @@ def load_encoder(
 
     spec:
       "reference"            ReferenceEncoder(backbone_dims, **options: out_dim, seed)
+      "pooled"               PooledEncoder(backbone_dims): mean patch token per backbone
       a .pt/.pth file        a features_model checkpoint -> load_rgb2pc(path, **options:
                              backbone_order, nhead, num_tokens, token_seed, moe_activation)
       a TorchScript file     torch.jit.load (detected by the archive's content, any suffix)
@@ -389,6 +432,8 @@ def load_encoder(
     path = Path(spec)
     if spec == "reference":
         encoder, resolved = _build_reference(backbone_dims, options)
+    elif spec == "pooled":
+        encoder, resolved = _build_pooled(backbone_dims, options)
     elif path.is_file() and is_torchscript(path):
         encoder, resolved = _build_torchscript(path, options)
     elif path.is_file() and path.suffix in (".pt", ".pth"):
@@ -400,7 +445,8 @@ def load_encoder(
     elif _FACTORY_SPEC.match(spec):
         encoder, resolved = _build_factory(spec, options)
     else:
-        raise DprgbError(f"encoder spec {spec!r} is not 'reference', an existing file, or 'module:factory'")
+        raise DprgbError(f"encoder spec {spec!r} is not 'reference', 'pooled', an existing file, "
+                         "or 'module:factory'")
 
     if weights is not None:
         _load_weights(encoder, weights)
@@ -416,7 +462,7 @@ def load_encoder(
 
 # ----------------------------------------------------------------------------- as data
 
-_ARCHITECTURES = {"reference": ReferenceEncoder, "rgb2pc": RGB2PCEncoder}
+_ARCHITECTURES = {"reference": ReferenceEncoder, "pooled": PooledEncoder, "rgb2pc": RGB2PCEncoder}
 
 
 def encoder_record(encoder: nn.Module, spec: str) -> dict[str, Any]:

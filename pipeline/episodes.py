@@ -143,6 +143,7 @@ class TaskScan:
     trajectories: dict[int, Trajectory]  # every trajectory file of the task
     layout: ActionLayout
     format: str
+    unselected: tuple[int, ...] = ()  # feature episodes beyond `expert_data_num`: not used
 
     @property
     def usable_episodes(self) -> list[int]:
@@ -163,6 +164,10 @@ def scan_task(cfg: DataConfig, task: str) -> TaskScan:
                 path=missing.path / task,
                 episode=ep,
             )
+    # THE data selection (expert_data_num): the first N episodes by number, for every command
+    numbers = sorted(episode_paths[first.backbone])
+    limit = cfg.expert_data_num or len(numbers)
+    selected, unselected = set(numbers[:limit]), tuple(numbers[limit:])
     stores = {
         ep: {
             root.backbone: open_feature_episode(
@@ -170,9 +175,11 @@ def scan_task(cfg: DataConfig, task: str) -> TaskScan:
             )
             for root in cfg.rgb_zarr_roots
         }
-        for ep in episode_paths[first.backbone]
+        for ep in episode_paths[first.backbone] if ep in selected
     }
     trajectory_dir, files = _find_trajectory_files(cfg, task)
+    if unselected:  # nor their trajectories (the arm choice of fuse_arms: false included)
+        files = {ep: path for ep, path in files.items() if ep in selected}
     trajectories = {ep: load_trajectory(path, ep) for ep, path in files.items()}
     for ep in stores:
         if ep not in trajectories:
@@ -189,6 +196,7 @@ def scan_task(cfg: DataConfig, task: str) -> TaskScan:
         trajectories=trajectories,
         layout=decide_layout(cfg, list(trajectories.values())),
         format=formats.pop(),
+        unselected=unselected,
     )
 
 

@@ -20,6 +20,7 @@ Stores are opened through a read-only LocalStore: a reader cannot write into a d
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,9 +154,12 @@ class FeatureEpisode:
                     out[out_rows] = window[slots]
             except Exception as err:  # codec errors carry no file name: add it
                 what = "frame" if self.layout == "plain" else "window"
+                empty = _empty_chunk_file(self.array, chunk)
+                why = (f"its chunk file {empty.name} is empty (0 bytes: an interrupted write?)" if empty
+                       else f"{type(err).__name__}: {err}")
                 raise DprgbError(
-                    f"cannot decode {self.backbone} {what} {chunk} (steps {steps[out_rows][:8].tolist()}): "
-                    f"{type(err).__name__}: {err}",
+                    f"cannot decode {self.backbone} {what} {chunk} "
+                    f"(steps {steps[out_rows][:8].tolist()}): {why}",
                     path=self.path,
                     episode=self.episode,
                 ) from None
@@ -195,18 +199,35 @@ def open_feature_episode(
     if not path.exists():
         raise DprgbError(f"{backbone} feature store missing", path=path, episode=episode)
     try:
-        node = zarr.open(store=LocalStore(path, read_only=True), mode="r")
-    except Exception as err:  # zarr raises many types for unreadable metadata
-        raise DprgbError(f"not a readable zarr store ({err})", path=path, episode=episode) from None
+        return _open_node(backbone, path, episode, slot_policy)
+    except DprgbError:
+        raise
+    except Exception as err:  # zarr and numcodecs raise many types for metadata they cannot read
+        raise DprgbError(f"not a readable zarr store ({_metadata_problem(err)})", path=path,
+                         episode=episode) from None
+
+
+def _open_node(backbone: str, path: Path, episode: int, slot_policy: str) -> FeatureEpisode:
+    node = zarr.open(store=LocalStore(path, read_only=True), mode="r")
     if isinstance(node, zarr.Array):
         return _open_plain(backbone, path, episode, node, dict(node.attrs))
-    if WINDOWED_ARRAY in node:
+    if WINDOWED_ARRAY in node:  # (reads the array's metadata: an unknown codec fails here)
         return _open_windowed(backbone, path, episode, node, slot_policy)
     if PLAIN_ARRAY in node:
         return _open_plain(backbone, path, episode, node[PLAIN_ARRAY], dict(node.attrs))
     raise DprgbError(
         f"zarr group holds neither {WINDOWED_ARRAY!r} nor {PLAIN_ARRAY!r}", path=path, episode=episode
     )
+
+
+def _metadata_problem(err: Exception) -> str:
+    """zarr's message for metadata it cannot use, with the unknown codec or dtype named."""
+    text = " ".join(str(err).split())
+    if type(err).__name__ == "UnknownCodecError":
+        return f"its metadata names a codec this installation does not have: {text}"
+    if "data type" in text.lower() or "dtype" in text.lower():
+        return f"its metadata names a dtype zarr does not know: {text}"
+    return f"{type(err).__name__}: {text}"
 
 
 def _open_windowed(
@@ -227,6 +248,9 @@ def _open_windowed(
             path=path,
             episode=episode,
         )
+    if not _is_list_of(frame_paths, lambda w: _is_list_of(w, lambda p: isinstance(p, str))):
+        raise DprgbError("frame_paths is not a list of windows, each a list of image paths",
+                         path=path, episode=episode)
     if len(frame_paths) != n_windows or any(len(w) != window_size for w in frame_paths):
         raise DprgbError(
             f"frame_paths is not {n_windows} windows x {window_size} frames like the array",
@@ -262,12 +286,19 @@ def _open_plain(backbone: str, path: Path, episode: int, array: zarr.Array, attr
             episode=episode,
         )
     n_frames = array.shape[0]
-    if "frame_paths" in attrs:
-        steps = [step_from_frame_path(p) for p in attrs["frame_paths"]]
-    elif "steps" in attrs:
-        steps = [int(s) for s in attrs["steps"]]
-    else:
-        steps = list(range(n_frames))
+    try:
+        if "frame_paths" in attrs:
+            if not _is_list_of(attrs["frame_paths"], lambda p: isinstance(p, str)):
+                raise ValueError("attribute frame_paths is not a list of image paths")
+            steps = [step_from_frame_path(p) for p in attrs["frame_paths"]]
+        elif "steps" in attrs:
+            if not _is_list_of(attrs["steps"], lambda s: isinstance(s, int) and not isinstance(s, bool)):
+                raise ValueError(f"attribute steps is not a list of integers: {str(attrs['steps'])[:60]}")
+            steps = list(attrs["steps"])
+        else:
+            steps = list(range(n_frames))
+    except ValueError as err:
+        raise DprgbError(str(err), path=path, episode=episode) from None
     steps = np.asarray(steps, dtype=np.int64)
     if len(steps) != n_frames or (np.diff(steps) <= 0).any():
         raise DprgbError(
@@ -282,10 +313,26 @@ def _read_frame_paths(path: Path, group: zarr.Group) -> list[list[str]] | None:
     json_file = path / "frame_paths.json"
     if json_file.is_file():
         try:
-            return json.loads(json_file.read_text())
-        except json.JSONDecodeError as err:
+            return json.loads(json_file.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DprgbError(f"frame_paths.json is not valid JSON ({err})", path=json_file) from None
     return group.attrs.get("frame_paths")
+
+
+def _is_list_of(value: object, ok: Callable[[object], bool]) -> bool:
+    return isinstance(value, list) and all(ok(v) for v in value)
+
+
+def _empty_chunk_file(array: zarr.Array, chunk: int) -> Path | None:
+    """The zero-byte file of chunk `chunk` (first index), if that is what it is."""
+    array_dir = Path(array.store_path.store.root) / array.store_path.path
+    rest = (0,) * (array.ndim - 1)
+    keys = [".".join(map(str, (chunk, *rest))), "/".join(map(str, (chunk, *rest)))]
+    for key in (*keys, *(f"c/{k}" for k in keys[1:])):
+        file = array_dir / key
+        if file.is_file() and file.stat().st_size == 0:
+            return file
+    return None
 
 
 def _written_chunks(array: zarr.Array) -> set[int]:

@@ -10,14 +10,27 @@ keyed by its spec), never shipped inside a task.
 Schedulers: dask's threaded scheduler by default (torch threads = cores // workers so the
 two do not oversubscribe), `scheduler: local` for a `dask.distributed` LocalCluster of
 processes, or `scheduler: tcp://host:8786` for an existing cluster.
+
+Faults. A precompute holds the cache's writer lock (`dprgb.cache.lock`) from before it
+reads the manifest until its last episode is committed: a second precompute into the same
+cache waits (one line on stderr, through the `dprgb` logger or `on_note`), then finds the
+first one's episodes fresh and computes only its own; only the holder deletes leftover
+temporary folders and writes the manifest. When one episode fails, the threaded scheduler's
+other running episodes finish (complete or absent) before the lock is let go. A cache that
+cannot be written (full disk, read-only, no permission, a file where a folder must be)
+stops the run with one line naming the cache and the OS problem; episodes committed before
+stay intact (each commit is fsynced, see `dprgb.cache.store`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +38,7 @@ import dask
 import torch
 from dask.callbacks import Callback
 
+from dprgb.cache.lock import cache_lock
 from dprgb.cache.manifest import (
     episode_is_fresh,
     manifest_mismatch,
@@ -35,6 +49,7 @@ from dprgb.cache.manifest import (
     write_manifest,
 )
 from dprgb.cache.store import (
+    cache_write_error,
     cached_episodes,
     read_episode_attrs,
     remove_episode,
@@ -86,16 +101,30 @@ def run_episode_job(
         "encoder_fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_episode(
-        Path(pc_fields["cache_dir"]),
-        job.task,
-        job.episode,
-        episode.steps,
-        features.astype(pc_fields["cache_dtype"]),
-        episode.actions,
-        attrs,
-    )
+    with writing(Path(pc_fields["cache_dir"])):
+        write_episode(
+            Path(pc_fields["cache_dir"]),
+            job.task,
+            job.episode,
+            episode.steps,
+            features.astype(pc_fields["cache_dtype"]),
+            episode.actions,
+            attrs,
+        )
     return job.task, job.episode, len(episode.steps)
+
+
+@contextlib.contextmanager
+def writing(cache_dir: Path) -> Iterator[None]:
+    """Writes into the cache: an OSError becomes one line naming the cache and the problem."""
+    try:
+        yield
+    except OSError as err:
+        raise cache_write_error(err, cache_dir) from None
+
+
+def _log_note(message: str) -> None:
+    logging.getLogger("dprgb").warning(message)
 
 
 # ------------------------------------------------------------------------- planning
@@ -123,10 +152,13 @@ def precompute(
     *,
     overwrite: bool = False,
     on_progress: Callable[[int, int, int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> PrecomputeResult:
-    """Encode every missing episode of `tasks` into `pc.cache_dir`.
+    """Encode every missing episode of `tasks` into `pc.cache_dir`, holding its writer lock.
 
-    on_progress(episodes_done, episodes_total, frames_done, frames_total) after each episode.
+    on_progress(episodes_done, episodes_total, frames_done, frames_total) after each episode;
+    on_note(message) when this run waits for another one (default: a `dprgb` log warning,
+    which Python prints on stderr).
     """
     start = time.perf_counter()
     scans = [scan_task(cfg, task) for task in tasks]
@@ -134,8 +166,21 @@ def precompute(
         check_usable(cfg, scan)
     spec = encoder_spec(encoder_cfg, device, scans)
     encoder, fingerprint, _ = worker_encoder(spec)
-    manifest = _prepare_manifest(cfg, pc, spec, encoder, fingerprint, scans, overwrite)
+    with contextlib.ExitStack() as held:
+        with writing(pc.cache_dir):
+            held.enter_context(cache_lock(pc.cache_dir, on_wait=on_note or _log_note))
+            manifest = _prepare_manifest(cfg, pc, spec, encoder, fingerprint, scans, overwrite)
+        jobs, skipped = _plan_jobs(pc, scans, fingerprint, overwrite)
+        with writing(pc.cache_dir):
+            write_manifest(pc.cache_dir, manifest)
+        computed = _run_jobs(jobs, spec, pc, fingerprint, on_progress)
+    return PrecomputeResult(pc.cache_dir, computed, skipped, time.perf_counter() - start, fingerprint)
 
+
+def _plan_jobs(pc: PrecomputeConfig, scans: list[TaskScan], fingerprint: str,
+               overwrite: bool) -> tuple[list[tuple[EpisodeJob, str]], int]:
+    """(episodes to compute with their source identity, episodes already fresh); refuses a
+    stale episode unless `overwrite`. Under the lock: sees what an earlier run committed."""
     jobs, skipped = [], 0
     for scan in scans:
         cached = cached_episodes(pc.cache_dir, scan.task)
@@ -152,10 +197,7 @@ def precompute(
                     episode=job.episode,
                 )
             jobs.append((job, source_id))
-    write_manifest(pc.cache_dir, manifest)
-
-    computed = _run_jobs(jobs, spec, pc, fingerprint, on_progress)
-    return PrecomputeResult(pc.cache_dir, computed, skipped, time.perf_counter() - start, fingerprint)
+    return jobs, skipped
 
 
 def _prepare_manifest(
@@ -168,7 +210,8 @@ def _prepare_manifest(
     overwrite: bool,
 ) -> dict:
     """The manifest this run writes; refuses (or, with overwrite, clears) a cache made by
-    another encoder or other data options, so two never mix."""
+    another encoder or other data options, so two never mix. Under the lock: leftovers are
+    a dead run's, never a live one's."""
     remove_leftovers(pc.cache_dir)
     options = cfg.options()
     old = read_manifest(pc.cache_dir)
@@ -215,7 +258,7 @@ def _run_jobs(
         return []
     pc_fields = {**asdict(pc), "cache_dir": str(pc.cache_dir)}
     cores = os.cpu_count() or 1
-    workers = min(pc.num_workers, len(jobs))
+    workers = min(pc.parallel_episodes, len(jobs))
     torch_threads = max(1, cores // workers)
     total_frames = sum(job.frames for job, _ in jobs)
     done: list[tuple[str, int, int]] = []
@@ -232,10 +275,14 @@ def _run_jobs(
         ]
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(torch_threads)
+        # our own pool: when an episode fails, dask raises at once, and the episodes still
+        # running must end (commit or not) before the caller lets go of the cache lock
+        pool = ThreadPoolExecutor(workers)
         try:
             with _EpisodeDone(report):
-                dask.compute(*tasks, scheduler="threads", num_workers=workers)
+                dask.compute(*tasks, scheduler="threads", pool=pool)
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(previous_threads)
         return done
     return _run_distributed(jobs, spec, pc, pc_fields, fingerprint, torch_threads, workers, report)
@@ -342,5 +389,7 @@ def _task_status(pc: PrecomputeConfig, scan: TaskScan, fingerprint: str) -> dict
         "frames": frames,
         "missing": missing,
         "stale": stale,
-        "orphans": sorted(set(cached) - set(scan.usable_episodes)),
+        # an episode expert_data_num leaves out still has its sources: unused, not an orphan
+        "unselected": sorted(set(cached) & set(scan.unselected)),
+        "orphans": sorted(set(cached) - set(scan.usable_episodes) - set(scan.unselected)),
     }

@@ -127,7 +127,7 @@ def _load_hdf5(path: Path, episode: int) -> Trajectory:
             if "joint_action" not in f:
                 raise DprgbError("HDF5 has no 'joint_action' group", path=path, episode=episode)
             group = f["joint_action"]
-            data = {name: np.asarray(group[name][()], dtype=np.float64) for name in group.keys()}
+            data = {name: _numbers(group[name], name, path, episode) for name in group.keys()}
     except OSError as err:
         raise DprgbError(f"cannot read HDF5 ({err})", path=path, episode=episode) from None
     if "left_arm" not in data and "right_arm" not in data:
@@ -153,6 +153,17 @@ def _load_hdf5(path: Path, episode: int) -> Trajectory:
     trajectory = Trajectory(path, episode, FORMAT_HDF5, arms=arms)
     _check_tracks(trajectory)
     return trajectory
+
+
+def _numbers(node: object, name: str, path: Path, episode: int) -> np.ndarray:
+    """A joint_action dataset as float64; anything but a numeric dataset is refused by name."""
+    if not isinstance(node, h5py.Dataset):
+        raise DprgbError(f"joint_action/{name} is a {type(node).__name__}, not a dataset of numbers",
+                         path=path, episode=episode)
+    if node.dtype.kind not in "biuf":  # strings, compounds, references: not joint targets
+        raise DprgbError(f"joint_action/{name} holds {node.dtype} values, not numbers", path=path,
+                         episode=episode)
+    return np.asarray(node[()], dtype=np.float64)
 
 
 def _split_vector(vector: np.ndarray, path: Path, episode: int) -> dict[str, np.ndarray]:
@@ -284,7 +295,11 @@ def _segment_positions(segments: list, path: Path, episode: int) -> list[np.ndar
             raise DprgbError(f"planner segment {i} is not a status dict", path=path, episode=episode)
         if segment["status"] != "Success":
             continue  # a failed plan moved nothing
-        position = np.asarray(segment["position"], dtype=np.float64)
+        try:
+            position = np.asarray(segment["position"], dtype=np.float64)
+        except (ValueError, TypeError, KeyError) as err:
+            raise DprgbError(f"planner segment {i} position is not an array of numbers "
+                             f"({type(err).__name__}: {err})", path=path, episode=episode) from None
         if position.ndim != 2:
             raise DprgbError(
                 f"planner segment {i} position {position.shape} is not [n, dof]", path=path, episode=episode

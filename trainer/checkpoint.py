@@ -38,18 +38,37 @@ POLICY_KEYS = ("format", "config", "policy_state", "normalizer", "encoder_state"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary sibling, fsync, then rename over `path`."""
+    """torch.save to a temporary sibling, fsync, then rename over `path`.
+
+    A disk that is full or read-only (any OSError) raises one DprgbError naming `path` and the
+    OS's problem; the previous file at `path` is left as it was and the temporary removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise DprgbError(f"cannot save the checkpoint: {_os_problem(err)} (the previous file, if any, "
+                         "is unchanged)", path=path) from None
+    except RuntimeError as err:  # torch.save's zip writer, closing after a failed write, says
+        cause = err.__cause__ or err.__context__  # "unexpected pos": the OSError is its context
+        if not isinstance(cause, OSError):
+            raise
+        raise DprgbError(f"cannot save the checkpoint: {_os_problem(cause)} (the previous file, if "
+                         "any, is unchanged)", path=path) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: nothing was written there either
+            pass
+
+
+def _os_problem(err: OSError) -> str:
+    return err.strerror or type(err).__name__
 
 
 def load(path: Path, required: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -65,6 +84,16 @@ def load(path: Path, required: tuple[str, ...], what: str) -> dict[str, Any]:
     if missing:
         raise DprgbError(f"not a {what}: missing keys {missing}", path=path)
     return obj
+
+
+def is_torch_file(path: Path) -> bool:
+    """Whether `path` looks like what torch.save writes (a zip archive, or a legacy pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def plain(obj: Any) -> Any:
@@ -141,11 +170,110 @@ def save_policy(path: Path, *, config: dict, policy_state: dict[str, torch.Tenso
 
 
 def load_policy(path: Path) -> dict[str, Any]:
-    """A `final_policy.pt`, its format version checked; "encoder_archive" as bytes."""
+    """A `final_policy.pt`, its format version and structure checked (the config's fields, the
+    weights' names and shapes against the head that config builds); "encoder_archive" as bytes.
+    A file from anyone fails here with one line rather than deep inside a loader."""
     obj = _checked(load(path, ("format",), "policy file"), POLICY_FORMAT, POLICY_KEYS, "policy file", path)
+    config = obj["config"]
+    check_policy_config(config, path)
+    for key in ("policy_state", "normalizer", "encoder_state"):
+        check_tensors(obj[key], key, path)
+    check_head_state(config, {"policy_state": obj["policy_state"]}, obj["normalizer"], path)
     if "encoder_archive" in obj:
-        obj["encoder_archive"] = obj["encoder_archive"].numpy().tobytes()
+        archive = obj["encoder_archive"]
+        if not isinstance(archive, torch.Tensor) or archive.dtype != torch.uint8:
+            raise DprgbError("not a policy file: encoder_archive is not a uint8 tensor", path=path)
+        obj["encoder_archive"] = archive.numpy().tobytes()
     return obj
+
+
+# What each part of a policy config must be: key -> (type, what it is). The first four every
+# policy needs; the others a run records (eval and --init read them: they pass `need`).
+_CONFIG_FIELDS = {
+    "model": (dict, "a mapping (the ModelConfig)"),
+    "obs_dim": (int, "an integer"),
+    "action_dim": (int, "an integer"),
+    "encoder": (dict, "a mapping (the encoder record)"),
+    "tasks": (list, "a list of task names"),
+    "cache_fingerprint": (str, "a string"),
+    "run": (dict, "a mapping (the run record)"),
+}
+_ALWAYS = ("model", "obs_dim", "action_dim", "encoder")
+
+
+def check_policy_config(config: Any, path: Path, what: str = "policy file",
+                        need: tuple[str, ...] = ()) -> None:
+    """The fields loaders of a policy config read are there (`_ALWAYS` and `need`; the others
+    when present), of their types."""
+    if not isinstance(config, dict):
+        raise DprgbError(f"not a {what}: its config is a {type(config).__name__}, not a mapping",
+                         path=path)
+    for key, (kind, should) in _CONFIG_FIELDS.items():
+        value = config.get(key)
+        if (key in _ALWAYS or key in need or value is not None) and (
+                not isinstance(value, kind) or isinstance(value, bool)):
+            raise DprgbError(f"not a {what}: config[{key!r}] must be {should}, got {_brief(value)}",
+                             path=path)
+    encoder, run = config["encoder"], config.get("run") or {}
+    if not isinstance(encoder.get("kind"), str) or not isinstance(encoder.get("backbones"), list):
+        raise DprgbError(f"not a {what}: the encoder record needs a kind and its backbones", path=path)
+    if encoder.get("architecture") is not None and not isinstance(encoder["architecture"], dict):
+        raise DprgbError(f"not a {what}: the encoder record's architecture is not a mapping", path=path)
+    origin = encoder.get("origin_fingerprint")
+    if origin is not None and not isinstance(origin, str):
+        raise DprgbError(f"not a {what}: the encoder's origin_fingerprint is {_brief(origin)}", path=path)
+    if ("run" in need or "mode" in run) and not isinstance(run.get("mode"), str):
+        raise DprgbError(f"not a {what}: run['mode'] is {_brief(run.get('mode'))}", path=path)
+    val = run.get("val_episodes", [])
+    if not isinstance(val, list) or not all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int)
+            for e in val):
+        raise DprgbError(f"not a {what}: run['val_episodes'] is not a list of [task, episode]", path=path)
+
+
+def check_tensors(state: Any, key: str, path: Path, what: str = "policy file") -> None:
+    """`state` is a mapping of names to tensors."""
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise DprgbError(f"not a {what}: {key} is not a mapping of names to tensors", path=path)
+
+
+def check_head_state(config: dict[str, Any], states: dict[str, dict[str, torch.Tensor]],
+                     normalizer: dict[str, torch.Tensor], path: Path) -> None:
+    """Each of `states` (what -> head state dict) and `normalizer` have exactly the names and
+    shapes of the head `config` builds (built on the meta device: no memory, no weights)."""
+    from dprgb.trainer.policy import DiffusionRGBPolicy  # (the policy loads files through here)
+
+    try:
+        try:
+            with torch.device("meta"):
+                head = DiffusionRGBPolicy(config)
+        except DprgbError:
+            raise
+        except Exception:  # an op without a meta kernel: build it for real (only slower)
+            head = DiffusionRGBPolicy(config)
+    except DprgbError as err:
+        raise DprgbError(f"its config does not build a policy: {err.problem}", path=path) from None
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    expected_norm = {f"{name}.{key}": tuple(getattr(module, key).shape)
+                     for name, module in head.normalizer.items() for key in ("scale", "offset")}
+    for what, state, want in (*((w, s, expected) for w, s in states.items()),
+                              ("normalizer", normalizer, expected_norm)):
+        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        if missing or extra:
+            raise DprgbError(f"{what} does not fit the head its config describes: missing "
+                             f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                             f"{extra[:3]}{'...' if len(extra) > 3 else ''}", path=path)
+        wrong = [f"{k} {tuple(state[k].shape)} (expected {s})" for k, s in want.items()
+                 if tuple(state[k].shape) != s]
+        if wrong:
+            raise DprgbError(f"{what} does not fit the head its config describes: {', '.join(wrong[:3])}",
+                             path=path)
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{type(value).__name__} {text[:50]}..."
 
 
 def _checked(obj: dict[str, Any], expected: str, keys: tuple[str, ...], what: str,

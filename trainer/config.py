@@ -15,6 +15,7 @@ from dprgb.trainer.schedulers import BETA_SCHEDULES, PREDICTION_TYPES
 
 OBS_NORMALIZATIONS = ("identity", "minmax", "standardize")
 INFERENCE_SCHEDULERS = ("ddim", "ddpm")
+WANDB_MODES = ("offline", "online")
 
 
 def _positive(config: Config, names: tuple[str, ...], strict: bool = True) -> None:
@@ -116,16 +117,22 @@ class TrainConfig(Config):
     # validation, logging, checkpoints
     val_episodes_per_task: int = 1
     val_every_epochs: int = 10
-    checkpoint_every_epochs: int = 0  # 0 = only at the end
+    checkpoint_every_epochs: int = 0  # 0 = only at the end; N: also checkpoints/epoch_<E>.pt
+    keep_checkpoints: int = 0  # epoch_<E>.pt files kept, the newest (0 = keep all)
     log_every_steps: int = 50
     wandb: bool = False
+    wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) or online
+    wandb_project: str = "dprgb"
+    wandb_run_name: str | None = None  # None: wandb names the run
     tensorboard: bool = False
     save_dir: str = "runs"
 
     def validate(self) -> None:
         _positive(self, ("epochs", "batch_size", "grad_accum_steps", "log_every_steps", "val_every_epochs"))
         _positive(self, ("max_steps", "lr_warmup_steps", "seed", "ema_update_after_step",
-                         "val_episodes_per_task", "checkpoint_every_epochs"), strict=False)
+                         "val_episodes_per_task", "checkpoint_every_epochs", "keep_checkpoints"),
+                  strict=False)
+        _one_of(self, "wandb_mode", WANDB_MODES)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise DprgbError(f"lr must be a positive number, got {self.lr=}")
         if self.weight_decay < 0 or self.grad_clip_norm < 0:

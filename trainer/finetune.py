@@ -83,17 +83,26 @@ class InitState:
 
 
 def read_init(path: str | Path) -> InitState:
-    """A `final_policy.pt` or a `checkpoints/latest.pt`, loaded with weights_only=True."""
+    """A `final_policy.pt` or a `checkpoints/latest.pt`, loaded with weights_only=True, its
+    structure checked (config fields, weight names and shapes) so that a malformed or foreign
+    file fails here with one line. Nothing it names is imported or called."""
     path = Path(path)
+    needs = ("run", "cache_fingerprint")  # what InitState and the init checks read of its config
     fmt = ckpt_io.load(path, ("format",), "policy file or training checkpoint")["format"]
-    if fmt == ckpt_io.TRAIN_STATE_FORMAT:
-        state = ckpt_io.load_train_state(path)
-        head, encoder = _split_encoder(state["model"])
-        return InitState(path, state["policy_config"], head, _split_encoder(state["ema_model"])[0],
-                         state["normalizer"], encoder)
-    obj = ckpt_io.load_policy(path)
-    state = obj["policy_state"]
-    return InitState(path, obj["config"], state, state, obj["normalizer"], obj["encoder_state"])
+    if fmt != ckpt_io.TRAIN_STATE_FORMAT:
+        obj = ckpt_io.load_policy(path)  # (checks its format and structure)
+        ckpt_io.check_policy_config(obj["config"], path, need=needs)
+        state = obj["policy_state"]
+        return InitState(path, obj["config"], state, state, obj["normalizer"], obj["encoder_state"])
+    what = "training checkpoint"
+    state = ckpt_io.load_train_state(path)
+    ckpt_io.check_policy_config(state["policy_config"], path, what, need=needs)
+    for key in ("model", "ema_model", "normalizer"):
+        ckpt_io.check_tensors(state[key], key, path, what)
+    (head, encoder), (ema, _) = _split_encoder(state["model"]), _split_encoder(state["ema_model"])
+    ckpt_io.check_head_state(state["policy_config"], {"model": head, "ema_model": ema}, state["normalizer"],
+                             path)
+    return InitState(path, state["policy_config"], head, ema, state["normalizer"], encoder)
 
 
 def _split_encoder(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -101,9 +110,8 @@ def _split_encoder(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return head, {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
 
 
-def check_init(init: InitState, origin: str, allow_mismatch: bool, config: dict[str, Any]) -> None:
-    """Refuse an init whose head learned on another encoder's features, or has other model
-    options or sizes than the configured ones."""
+def check_init_encoder(init: InitState, origin: str, allow_mismatch: bool) -> None:
+    """Refuse an init whose head learned on another encoder's features."""
     if init.origin_fingerprint != origin and not allow_mismatch:
         raise DprgbError(
             f"the init checkpoint's head was trained on features of encoder {init.origin_fingerprint[:12]}, "
@@ -112,6 +120,10 @@ def check_init(init: InitState, origin: str, allow_mismatch: bool, config: dict[
             "same encoder, or pass --allow-encoder-mismatch (allow_encoder_mismatch: true)",
             path=init.path,
         )
+
+
+def check_init_head(init: InitState, config: dict[str, Any]) -> None:
+    """Refuse an init whose head has other model options or sizes than the configured one."""
     had, now = _head_options(init.config), _head_options(config)
     differ = [f"{k}={had.get(k)!r} (now {now[k]!r})" for k in now if had.get(k) != now[k]]
     if differ:
@@ -156,8 +168,14 @@ def finetune(model: ModelConfig, cfg: TrainConfig, ft: FinetuneConfig, device_cf
         origin = encoder_fingerprint(encoder, fingerprint_options)
         # read on resume too: the run's config (and so the resume check) includes it
         init = read_init(ft.init_checkpoint) if ft.init_checkpoint else None
+        if init is not None:
+            check_init_encoder(init, origin, ft.allow_encoder_mismatch)
         if init is not None and init.finetuned:  # go on from its encoder
-            encoder.load_state_dict(init.encoder_state)
+            try:
+                encoder.load_state_dict(init.encoder_state)
+            except RuntimeError as err:
+                raise DprgbError(f"the init checkpoint's encoder weights do not fit the configured "
+                                 f"encoder: {' '.join(str(err).split())[:300]}", path=init.path) from None
         encoder = encoder.to(device).requires_grad_(not ft.freeze_encoder)
 
         train_mask = split_episodes(group.episode_task, group.episode_index, cfg.val_episodes_per_task)
@@ -175,7 +193,7 @@ def finetune(model: ModelConfig, cfg: TrainConfig, ft: FinetuneConfig, device_cf
                               action_mean, cfg.seed, "finetune"), "init": ft.init_checkpoint or None},
         )
         if init is not None:
-            check_init(init, origin, ft.allow_encoder_mismatch, config)
+            check_init_head(init, config)
         torch.manual_seed(cfg.seed)  # the head's init: the same on every rank, whatever came before
         policy = DiffusionRGBPolicy(config, encoder=encoder).to(device)
         ema_state = None

@@ -1,10 +1,11 @@
-"""What a run tells: `config.yaml`, `metrics.jsonl`, the progress bar, wandb (offline) and
+"""What a run tells: `config.yaml`, `metrics.jsonl`, the progress bar, wandb (`wandb_mode`) and
 TensorBoard when asked for and importable. Rank 0 reports; the other ranks get a silent one."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,28 @@ import torch
 import yaml
 
 from dprgb.trainer.config import TrainConfig
+
+
+def keep_history(path: Path, done_steps: int) -> None:
+    """Drop the records of steps after `done_steps` (the step training continues from): a
+    resumed run re-runs the steps its last checkpoint did not hold, and a fresh run (0)
+    starts an empty file, so no step is logged twice. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= done_steps]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return float("inf")  # a torn last line (a crash mid-write) goes too
 
 
 class Reporter:
@@ -41,6 +64,7 @@ class Reporter:
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            keep_history(out_dir / "metrics.jsonl", done_steps)
             self.file = open(out_dir / "metrics.jsonl", "a")
             self._open_trackers(cfg, out_dir, run_config)
 
@@ -49,7 +73,8 @@ class Reporter:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project="dprgb", dir=str(out_dir), mode="offline", config=run_config)
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                        mode=cfg.wandb_mode, dir=str(out_dir), config=run_config)
             except ImportError:
                 self.console.print("wandb is not installed; logging to metrics.jsonl only")
         if cfg.tensorboard:

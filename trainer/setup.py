@@ -22,8 +22,10 @@ from dprgb.trainer.config import TrainConfig
 from dprgb.trainer.distributed import DistInfo
 from dprgb.trainer.policy import DiffusionRGBPolicy
 
-# options that define the window order and noise stream; epochs and max_steps may change
-RESUME_SAME = ("batch_size", "grad_accum_steps", "seed", "block_windows")
+# What a resume may change: how long the run goes on (and where its folder is named from,
+# which is the folder being resumed). Every other setting is the run's: a resume that changes
+# one would train on under settings config.yaml does not record.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "save_dir")
 
 
 @dataclass
@@ -168,11 +170,7 @@ class TrainingState:
         if _resume_key(state["policy_config"]) != _resume_key(plain(policy_config)):
             raise DprgbError("the checkpoint was trained with another model or data setup; "
                              "start a new run or restore the old settings", path=path)
-        saved, now = _flat(state["run_config"]), _flat(run_config)
-        changed = [k for k in RESUME_SAME if k in now and saved.get(k) != now[k]]
-        if changed:
-            raise DprgbError("resuming continues the same run: keep " + ", ".join(
-                f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in changed), path=path)
+        check_resume_settings(state["run_config"], run_config, path)
         self.policy.load_state_dict(state["model"])
         self.policy.set_normalizer(state["normalizer"])
         self.ema.load_state_dict(state["ema_model"])
@@ -181,6 +179,37 @@ class TrainingState:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ckpt_io.set_rng_state(state["rng"], self.generators)
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+
+
+def check_resume_settings(saved_config: dict, run_config: dict, path: Path) -> None:
+    """Refuse a resume whose settings differ from the run's in anything but RESUME_MAY_CHANGE,
+    naming each differing key with the run's value and the new one. A key the checkpoint does
+    not record (saved by an older dprgb) is not compared."""
+    saved, now = _flat(plain(saved_config)), _flat(plain(run_config))
+    changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        differ = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
+        raise DprgbError(f"resuming continues the same run, but {differ}: only epochs and max_steps "
+                         "may change; drop the other changes, or start a new run (another save_dir, "
+                         "or --overwrite-run)", path=path)
+
+
+def epoch_policy_path(out_dir: Path, epoch: int) -> Path:
+    """Where the policy file of epoch `epoch` (epochs done, from 1) goes."""
+    return Path(out_dir) / "checkpoints" / f"epoch_{epoch}.pt"
+
+
+def prune_epoch_policies(out_dir: Path, keep: int) -> list[Path]:
+    """Keep the `keep` newest epoch_<E>.pt files (0: all); returns those removed."""
+    found = []
+    for path in (Path(out_dir) / "checkpoints").glob("epoch_*.pt"):
+        number = path.stem.removeprefix("epoch_")
+        if number.isdigit():
+            found.append((int(number), path))
+    doomed = [path for _, path in sorted(found)[:-keep]] if keep else []
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
 
 
 def _resume_key(policy_config: dict) -> dict:

@@ -37,7 +37,15 @@ from dprgb.trainer.distributed import DistInfo, build_distributed, shard_bounds
 from dprgb.trainer.evaluate import HeldOut, validation_metrics
 from dprgb.trainer.policy import DiffusionRGBPolicy, policy_config
 from dprgb.trainer.reporting import Reporter
-from dprgb.trainer.setup import TrainingState, barrier, build_schedule, ema_decay, wrap_model
+from dprgb.trainer.setup import (
+    TrainingState,
+    barrier,
+    build_schedule,
+    ema_decay,
+    epoch_policy_path,
+    prune_epoch_policies,
+    wrap_model,
+)
 from dprgb.trainer.windows import WindowIndex, split_episodes
 
 
@@ -109,9 +117,10 @@ def run_record(tasks: list[str], episode_task: Any, episode_index: Any, train_ma
 
 def train(model: ModelConfig, cfg: TrainConfig, device_cfg: DeviceConfig, group: CachedGroup,
           spec: EncoderSpec, observation: dict, out_dir: Path, *, resume: bool = False,
-          progress: bool = True) -> Path:
+          progress: bool = True, record: dict | None = None) -> Path:
     """Cache mode: train on `group`, cached by the encoder `spec` builds (saved in the policy
-    file); `observation` is the data's observation spec. Returns `out_dir/final_policy.pt`."""
+    file); `observation` is the data's observation spec; `record`: more sections of
+    config.yaml (the data selection, the cache folder). Returns `out_dir/final_policy.pt`."""
     out_dir = Path(out_dir)
     with training_session(device_cfg, out_dir, resume) as (dinfo, device):
         encoder, fingerprint, fingerprint_options = worker_encoder(spec)
@@ -135,22 +144,26 @@ def train(model: ModelConfig, cfg: TrainConfig, device_cfg: DeviceConfig, group:
         torch.manual_seed(cfg.seed)
         policy = DiffusionRGBPolicy(config).to(device)
         policy.set_normalizer(source.normalizer.state_dict())
-        run_config = {"model": model.to_dict(), "train": cfg.to_dict(), "device": device_cfg.to_dict()}
+        run_config = {"model": model.to_dict(), "train": cfg.to_dict(), "device": device_cfg.to_dict(),
+                      **(record or {})}
         run = Run(cfg, out_dir, run_config, config, dinfo, device, resume, progress)
         return run_training(run, source, policy, frozen_encoder=encoder)
 
 
-def save_final(run: Run, state: TrainingState, frozen_encoder: torch.nn.Module | None) -> None:
-    """`final_policy.pt` from the EMA weights. With a trained encoder (finetune) its
-    `cache_fingerprint` is that of the EMA encoder saved with it: the features this head
-    consumes (equal to the original's when the encoder stayed frozen)."""
+def save_final(run: Run, state: TrainingState, frozen_encoder: torch.nn.Module | None,
+               path: Path | None = None) -> None:
+    """`final_policy.pt` (or `path`, an epoch's policy file) from the EMA weights. With a
+    trained encoder (finetune) its `cache_fingerprint` is that of the EMA encoder saved with
+    it: the features this head consumes (equal to the original's when the encoder stayed
+    frozen)."""
     ema = state.ema
     config = {**run.policy_config, "run": {**run.policy_config["run"], "step": state.step}}
     encoder = ema.encoder if ema.encoder is not None else frozen_encoder
+    assert encoder is not None, "a policy file always carries its encoder: pass frozen_encoder"
     if ema.encoder is not None:
         options = run.policy_config["encoder"]["fingerprint_options"]
         config["cache_fingerprint"] = encoder_fingerprint(ema.encoder, options)
-    ckpt_io.save_policy(run.final_path, config=config, policy_state=ema.head_state(),
+    ckpt_io.save_policy(path or run.final_path, config=config, policy_state=ema.head_state(),
                         normalizer=ema.normalizer_state(), encoder=encoder)
 
 
@@ -209,7 +222,10 @@ def run_training(run: Run, source: WindowSource, policy: DiffusionRGBPolicy, *,
                 is_eval_step = is_last_step or every(cfg.val_every_epochs, epoch_done)
                 is_ckpt_step = is_last_step or every(cfg.checkpoint_every_epochs, epoch_done)
                 if is_log_step:
+                    finite = loss_is_finite(report.running_loss, dinfo)  # before log_train zeroes it
                     report.log_train(state.step, state.epoch, lrs)
+                    if not finite:
+                        raise non_finite_loss(run, state.step, lrs[0])
                 with report.paused():
                     if is_eval_step and dinfo.is_main:
                         validate(run, source, state, report)
@@ -220,6 +236,21 @@ def run_training(run: Run, source: WindowSource, policy: DiffusionRGBPolicy, *,
                 state.epoch, state.epoch_step = state.epoch + 1, 0
     barrier(dinfo)  # final_policy.pt is written before any rank returns
     return run.final_path
+
+
+def loss_is_finite(running_loss: torch.Tensor, dinfo: DistInfo) -> bool:
+    """Whether the loss summed since the last log step is finite on every rank: read at log
+    steps only, where the loss is read on the host anyway (no per-step sync); all ranks agree,
+    so all stop together instead of one waiting on the others' all-reduce."""
+    finite = torch.isfinite(running_loss).to(torch.int32)
+    if dinfo.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def non_finite_loss(run: Run, step: int, lr: float) -> DprgbError:
+    return DprgbError(f"training loss became NaN or inf by step {step} (lr {lr:.3g}), the run stopped: "
+                      "lower --lr, or check the cache with `dprgb inspect cache --verify`", path=run.out_dir)
 
 
 def every(n: int, epochs_done: int) -> bool:
@@ -238,10 +269,15 @@ def validate(run: Run, source: WindowSource, state: TrainingState, report: Repor
 def save_checkpoint(run: Run, state: TrainingState, frozen_encoder: torch.nn.Module | None,
                     is_epoch_end: bool, final: bool) -> None:
     """`latest.pt` (rank 0), saying where a resumed run continues: the next epoch, or the
-    rest of this one; at the last step also `final_policy.pt`."""
+    rest of this one; at the last step also `final_policy.pt`; at every
+    `checkpoint_every_epochs`-th epoch's end also `checkpoints/epoch_<E>.pt` (the policy file
+    of that epoch, kept by `keep_checkpoints`)."""
     if not run.dinfo.is_main:
         return
     resume_at = (state.epoch + 1, 0) if is_epoch_end else (state.epoch, state.epoch_step)
     state.save(run.checkpoint_path, resume_at, run_config=run.run_config, policy_config=run.policy_config)
     if final:
         save_final(run, state, frozen_encoder)
+    if is_epoch_end and every(run.cfg.checkpoint_every_epochs, state.epoch + 1):
+        save_final(run, state, frozen_encoder, path=epoch_policy_path(run.out_dir, state.epoch + 1))
+        prune_epoch_policies(run.out_dir, run.cfg.keep_checkpoints)
