@@ -30,24 +30,30 @@ class EncoderSpec:
     weights: str | None
     options_json: str  # encoder_options as sorted JSON: hashable, whatever the values
     backbone_dims: tuple  # ((backbone, C), ...) in root order
+    frame_shapes: tuple  # ((backbone, (Hf, Wf, C)), ...): a plugin without out_dim is dry-run on them
     device: str
     autocast: bool  # bf16 autocast on CUDA: changes the features, so part of the fingerprint
     file_stamps: tuple  # (path, size, mtime_ns) of the encoder's files: a replaced file is a new key
 
     def load(self) -> tuple[torch.nn.Module, dict]:
         """(encoder on the device, the options its fingerprint hashes with the weights)."""
+        options = json.loads(self.options_json)
+        # the stores say what a frame looks like: the user need not (options may still say it)
+        options.setdefault("frame_shapes", {name: list(shape) for name, shape in self.frame_shapes})
         encoder, fingerprint_options = load_encoder(
             self.spec,
             backbone_dims=dict(self.backbone_dims),
             weights=self.weights,
-            options=json.loads(self.options_json),
+            options=options,
         )
         return encoder.to(self.device), {**fingerprint_options, "autocast_bf16": self.autocast}
 
 
 def encoder_spec(encoder: EncoderConfig, device: DeviceConfig, scans: list[TaskScan]) -> EncoderSpec:
     """The spec of the configured encoder for the backbones the tasks' stores hold."""
-    dims = tuple((name, int(store.frame_shape[-1])) for name, store in first_stores(scans).items())
+    stores = first_stores(scans)
+    dims = tuple((name, int(store.frame_shape[-1])) for name, store in stores.items())
+    shapes = tuple((name, tuple(int(d) for d in store.frame_shape)) for name, store in stores.items())
     named = (encoder.encoder, encoder.encoder_weights)
     files = [Path(f) for f in named if f is not None and Path(f).is_file()]
     torch_device = device.torch_device()
@@ -56,6 +62,7 @@ def encoder_spec(encoder: EncoderConfig, device: DeviceConfig, scans: list[TaskS
         weights=encoder.encoder_weights,
         options_json=json.dumps(encoder.encoder_options, sort_keys=True),
         backbone_dims=dims,
+        frame_shapes=shapes,
         device=str(torch_device),
         autocast=encoder.encoder_amp and torch_device.type == "cuda",
         file_stamps=tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files),

@@ -312,3 +312,29 @@ def test_wandb_settings_reach_wandb_init(root, run_main, tmp_path, monkeypatch):
     assert ("log", 1) in calls and calls[-1] == ("finish", None)
     code, out, err = train(run_main, root, "--overwrite-run", config=with_keys(root, wandb_mode="cloud"))
     assert code == 2 and "wandb_mode" in err
+
+
+def test_a_plugin_without_out_dim_needs_no_frame_shapes(root, run_main, tmp_path, monkeypatch):
+    """precompute knows the frame shapes from the stores: a plugin with neither `out_dim` nor
+    `backbones` is sized by a dry run on them, with nothing but its name in the config."""
+    (tmp_path / "bare_plugin.py").write_text(
+        "import torch\n\n\n"
+        "class Bare(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.proj = torch.nn.Linear(64 + 96, 24)\n\n"
+        "    def forward(self, features):\n"
+        "        pooled = [features[name].mean(dim=(1, 2)) for name in ('croco', 'vggt')]\n"
+        "        return self.proj(torch.cat(pooled, dim=1))\n\n\n"
+        "def make():\n"
+        "    return Bare()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shutil.rmtree(root / "cache")
+    config = with_keys(root, encoder="bare_plugin:make")
+    code, out, err = run_main("precompute", "-c", config, "--tasks", ",".join(ARM7), "--workers", "1")
+    assert code == 0, err
+    from dprgb.cache.manifest import read_manifest
+
+    assert read_manifest(root / "cache")["dim"] == 24
+    assert train(run_main, root, config=config)[0] == 0
