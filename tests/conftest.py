@@ -20,6 +20,9 @@ import zarr
 from dprgb.pipeline.demo_data import DemoSpec, write_demo_data
 
 TINY_SPEC = DemoSpec(episodes=3, min_frames=10, max_frames=14)
+# A diffusion head small enough for a CLI test to train in seconds (tests add what they need).
+TINY_TRAINING = {"down_dims": [16, 32], "diffusion_step_embed_dim": 16, "prediction_type": "sample",
+                 "horizon": 8, "n_action_steps": 4, "batch_size": 32, "epochs": 2, "lr_warmup_steps": 5}
 
 
 @pytest.fixture(autouse=True)

@@ -23,18 +23,9 @@ from dprgb.cache.lock import cache_lock
 from dprgb.cache.manifest import read_manifest
 from dprgb.cache.store import PARTIAL_PREFIX, TRASH_PREFIX, write_episode
 from dprgb.pipeline.demo_data import DEMO_TASKS, DemoSpec, write_demo_data
+from tests.conftest import TINY_TRAINING
 
-TRAINING = {
-    "down_dims": [16, 32],
-    "diffusion_step_embed_dim": 16,
-    "prediction_type": "sample",
-    "horizon": 8,
-    "n_action_steps": 4,
-    "batch_size": 32,
-    "epochs": 1,
-    "lr_warmup_steps": 2,
-    "device": "cpu",
-}
+TRAINING = {**TINY_TRAINING, "epochs": 1, "lr_warmup_steps": 2, "device": "cpu"}
 ARM7 = sorted(t.name for t in DEMO_TASKS if t.source != "segments" and len(t.arms) == 1)
 ARRAYS = ("features", "actions", "steps")
 

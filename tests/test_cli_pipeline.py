@@ -15,17 +15,9 @@ import torch
 from dprgb.cache import open_cache
 from dprgb.pipeline.demo_data import DemoSpec, write_demo_data
 from dprgb.trainer.policy import DiffusionRGBPolicy
+from tests.conftest import TINY_TRAINING
 
-SMALL_TRAINING = {
-    "down_dims": [16, 32],
-    "diffusion_step_embed_dim": 16,
-    "prediction_type": "sample",
-    "horizon": 8,
-    "n_action_steps": 4,
-    "batch_size": 32,
-    "epochs": 2,
-    "lr_warmup_steps": 5,
-}
+SMALL_TRAINING = TINY_TRAINING
 
 
 def dprgb(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -33,10 +33,10 @@ from dprgb.errors import DprgbError
 from dprgb.pipeline.demo_data import DemoSpec, write_demo_data
 from dprgb.trainer.checkpoint import POLICY_FORMAT
 from dprgb.trainer.policy import DiffusionRGBPolicy
+from tests.conftest import TINY_TRAINING
 
-SMALL = {"down_dims": [16, 32], "diffusion_step_embed_dim": 16, "prediction_type": "sample",
-         "horizon": 8, "n_action_steps": 4, "batch_size": 32, "epochs": 1, "lr_warmup_steps": 2,
-         "device": "cpu", "num_workers": 0, "val_episodes_per_task": 1}
+SMALL = {**TINY_TRAINING, "epochs": 1, "lr_warmup_steps": 2, "device": "cpu", "num_workers": 0,
+         "val_episodes_per_task": 1}
 ARM7 = ["shake_bottle-demo_randomized-10_head_camera", "dump_bin_bigbin-demo_clean-10_head_camera"]
 HDF5_TASK = ("beat_block_hammer-demo_randomized-10_head_camera", "beat_block_hammer/demo_randomized")
 TUPLE_TASK = ("shake_bottle-demo_randomized-10_head_camera", "shake_bottle/demo_randomized")

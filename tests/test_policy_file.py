@@ -16,10 +16,9 @@ import yaml
 from dprgb.pipeline.demo_data import DEMO_TASKS, DemoSpec, write_demo_data
 from dprgb.pipeline.rgb2pc import RGB2PCEncoder
 from dprgb.trainer.policy import DiffusionRGBPolicy
+from tests.conftest import TINY_TRAINING
 
-SMALL = {"down_dims": [16, 32], "diffusion_step_embed_dim": 16, "prediction_type": "sample",
-         "horizon": 8, "n_action_steps": 4, "batch_size": 32, "epochs": 2, "lr_warmup_steps": 5,
-         "device": "auto", "num_workers": 0}
+SMALL = {**TINY_TRAINING, "device": "auto", "num_workers": 0}
 ONE_ARM = {task.name: list(task.arms) for task in DEMO_TASKS if len(task.arms) == 1}
 
 
