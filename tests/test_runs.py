@@ -117,6 +117,10 @@ def test_tasks_without_held_out_episodes_are_named(root, run_main):
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and all(task in warnings[0] for task in ARM7)
     assert "no held-out" in warnings[0]
+    # and eval of that policy has nothing to evaluate: one line, not an empty table
+    code, out, err = run_main("eval", "--checkpoint", root / "runs" / "arm7" / "final_policy.pt",
+                              "-c", config)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "nothing to evaluate" in err
     code, out, err = train(run_main, root, "--overwrite-run")  # 1 of 3 held out: nothing to say
     assert code == 0 and "warning" not in err
 
