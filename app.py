@@ -206,9 +206,6 @@ def precompute(settings: Settings, tasks: list[str], *, overwrite: bool = False,
 
 # ---- which cache, which encoder ---------------------------------------------------------------
 
-ENCODER_KEYS = ("encoder", "encoder_weights", "encoder_options")
-
-
 def cache_folder(root: Path, kind: str, fingerprint: str) -> Path:
     """Where the cache of an encoder other than the root's goes: `<root>/<kind>-<12 hex>/`
     (its kind and fingerprint), so caches of several encoders live side by side."""

@@ -48,7 +48,7 @@ class Reporter:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.enabled, self.log_every = enabled, cfg.log_every_steps
+        self.enabled = enabled
         self.console = Console(stderr=True)
         self.bar = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
