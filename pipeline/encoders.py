@@ -129,7 +129,10 @@ def _build_spatial(spec: str, backbone_dims: dict[str, int] | None,
     _check_options(options, _SPATIAL_OPTIONS, "spatial")
     if not backbone_dims:
         raise DprgbError("the spatial encoder needs backbone_dims (name -> channels)")
-    encoder = SpatialEncoder(backbone_dims, **{k: options[k] for k in _SPATIAL_OPTIONS if k in options})
+    kwargs = {k: options[k] for k in _SPATIAL_OPTIONS if k in options}
+    if options.get("frame_shapes"):  # the stores' maps: no cell finer than a map's own
+        kwargs["cells"] = SpatialEncoder.cells_for(options["frame_shapes"], kwargs.get("grid", 8))
+    encoder = SpatialEncoder(backbone_dims, **kwargs)
     return encoder, {"encoder": "spatial", **encoder.architecture()}
 
 
