@@ -307,7 +307,8 @@ def rgb_rows_for(env: str, data: dict, args: argparse.Namespace, extractor: Any,
         final = measure("stage1", data["rgb_config"], overrides, folder, encoder, extractor)
         first = first or (final, overrides)
         if "stage2" in args.rows:
-            tuned = {**overrides, "finetune": True, "init_checkpoint": str(final)}
+            tuned = {**overrides, **parse_env_options(args.stage2_set), "finetune": True,
+                     "init_checkpoint": str(final)}
             measure("stage2", data["rgb_config"], tuned, folder, encoder, extractor, 2 * steps)
     if "pooled" in args.rows:
         pooled = {**pixel, "encoder": "pooled"}
@@ -397,6 +398,7 @@ def main() -> None:
     rgb.add_argument("--pixel-encoder", action="append", help=f"(repeat); default {PIXEL_ENCODER}")
     rgb.add_argument("--pixel-proprio", choices=["on", "off"], default=PIXEL_PROPRIO)
     rgb.add_argument("--rows", default="state,stage1,stage2,pooled", help="which rows (comma-separated)")
+    rgb.add_argument("--stage2-set", action="append", help="key=value for the stage2 rows only (repeat)")
     rgb.add_argument("--inference-steps", type=int, action="append", help="latency rows (repeat)")
     rgb.add_argument("--latency-env", action="append", help="tasks of the latency rows (default: first two)")
     args = parser.parse_args()

@@ -141,10 +141,10 @@ class PooledEncoder(nn.Module):
 
 class SpatialEncoder(nn.Module):
     """Where things are, for users without a trained RGB2PC: per backbone (sorted by name), the
-    feature map averaged over a `grid` x `grid` grid of cells (adaptive average pooling: cells as
-    even as the map allows; a map smaller than the grid repeats its cells), each cell's C-vector
-    projected to `channels` values by one linear map shared by the cells, flattened cell by cell:
-    (B, grid * grid * channels); concatenated over backbones, D = backbones * grid^2 * channels.
+    feature map averaged over a grid of cells (adaptive average pooling to `cells[name]` = (rows,
+    columns), at most `grid` x `grid` and never finer than the map; cells as even as the map
+    allows), each cell's C-vector projected to `channels` values by one linear map shared by the
+    cells, flattened cell by cell: (B, rows * columns * channels); concatenated over backbones.
 
     A visuomotor policy must know where the gripper and the object are: `reference` keeps only
     the mean and two half-contrasts of each channel (an object moving within a half of the image
@@ -157,7 +157,8 @@ class SpatialEncoder(nn.Module):
     same reasons.
     """
 
-    def __init__(self, backbone_dims: dict[str, int], grid: int = 6, channels: int = 16, seed: int = 0):
+    def __init__(self, backbone_dims: dict[str, int], grid: int = 8, channels: int = 16, seed: int = 0,
+                 cells: dict[str, tuple[int, int]] | None = None):
         super().__init__()
         if not backbone_dims:
             raise DprgbError("the spatial encoder needs at least one backbone")
@@ -166,7 +167,10 @@ class SpatialEncoder(nn.Module):
         self.backbones = sorted(backbone_dims)
         self.backbone_dims = {name: int(backbone_dims[name]) for name in self.backbones}
         self.grid, self.channels, self.seed = int(grid), int(channels), int(seed)
-        self.out_dim = len(self.backbones) * self.grid**2 * self.channels
+        cells = cells or {}  # (rows, columns) per backbone; default grid x grid
+        self.cells = {name: tuple(int(n) for n in cells.get(name, (self.grid, self.grid)))
+                      for name in self.backbones}
+        self.out_dim = sum(rows * cols for rows, cols in self.cells.values()) * self.channels
         rng = np.random.default_rng(self.seed)
         self.proj = nn.ModuleDict()
         for name in self.backbones:  # sorted: the draws do not depend on the order backbones came in
@@ -177,6 +181,12 @@ class SpatialEncoder(nn.Module):
                 layer.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
                 layer.bias.zero_()
             self.proj[name] = layer
+
+    @staticmethod
+    def cells_for(frame_shapes: dict[str, Any], grid: int = 8) -> dict[str, tuple[int, int]]:
+        """{backbone: (rows, columns)}: the grid, no finer than each map (Hf, Wf, C)."""
+        return {name: (min(int(grid), int(shape[0])), min(int(grid), int(shape[1])))
+                for name, shape in frame_shapes.items()}
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """{name: (B, Hf, Wf, C)} -> (B, out_dim)."""
@@ -189,10 +199,10 @@ class SpatialEncoder(nn.Module):
                                  f"{self.backbone_dims[name]}); got {got}")
             weight = self.proj[name].weight
             x = fmap.to(weight.dtype).permute(0, 3, 1, 2)  # (B, C, Hf, Wf)
-            cells = F.adaptive_avg_pool2d(x, self.grid).permute(0, 2, 3, 1)  # (B, G, G, C)
-            out.append(self.proj[name](cells).flatten(1))  # (B, G * G * K), cell by cell
+            cells = F.adaptive_avg_pool2d(x, self.cells[name]).permute(0, 2, 3, 1)  # (B, rows, cols, C)
+            out.append(self.proj[name](cells).flatten(1))  # (B, rows * cols * K), cell by cell
         return torch.cat(out, dim=1)
 
     def architecture(self) -> dict[str, Any]:
         return {"backbone_dims": dict(self.backbone_dims), "grid": self.grid, "channels": self.channels,
-                "seed": self.seed}
+                "seed": self.seed, "cells": {name: list(cells) for name, cells in self.cells.items()}}

@@ -87,7 +87,8 @@ _FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _RGB2PC_OPTIONS = {"backbone_order", "nhead", "num_tokens", "token_seed", "moe_activation"}
 _REFERENCE_OPTIONS = {"out_dim", "seed"}
 _SPATIAL_OPTIONS = {"grid", "channels", "seed"}
-# Options that never change an encoder's outputs, kept out of fingerprints.
+# Options the loader supplies (the stores' map shapes), not the user: kept out of fingerprints;
+# what they decide (the spatial encoder's cells) is in the architecture, which is hashed.
 _LOADER_OPTIONS = {"frame_shapes"}
 
 
@@ -131,7 +132,10 @@ def _build_spatial(spec: str, backbone_dims: dict[str, int] | None,
     _check_options(options, _SPATIAL_OPTIONS, "spatial")
     if not backbone_dims:
         raise DprgbError("the spatial encoder needs backbone_dims (name -> channels)")
-    encoder = SpatialEncoder(backbone_dims, **{k: options[k] for k in _SPATIAL_OPTIONS if k in options})
+    kwargs = {k: options[k] for k in _SPATIAL_OPTIONS if k in options}
+    if options.get("frame_shapes"):  # the stores' maps: no cell finer than a map's own
+        kwargs["cells"] = SpatialEncoder.cells_for(options["frame_shapes"], kwargs.get("grid", 8))
+    encoder = SpatialEncoder(backbone_dims, **kwargs)
     return encoder, {"encoder": "spatial", **encoder.architecture()}
 
 

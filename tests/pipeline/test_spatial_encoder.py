@@ -48,7 +48,7 @@ def test_an_object_moving_within_a_half_changes_only_the_spatial_encoding():
         assert_float32_close(encoder(a), encoder(b), "cache")
     moved = (spatial(a) - spatial(b)).norm() / spatial(a).norm()
     assert moved > 0.05, float(moved)
-    assert spatial(a).shape == (1, spatial.out_dim) == (1, 2 * 6 * 6 * 16)
+    assert spatial(a).shape == (1, spatial.out_dim) == (1, 2 * 8 * 8 * 16)
 
 
 def test_pooling_then_projecting_is_projecting_then_pooling():
@@ -64,7 +64,8 @@ def test_pooling_then_projecting_is_projecting_then_pooling():
 def test_same_weights_everywhere_and_a_policy_file_rebuilds_it():
     encoder, options = load_encoder("spatial", backbone_dims=DIMS, options={"grid": 4, "channels": 3})
     assert encoder_kind("spatial").name == "spatial" and isinstance(encoder, SpatialEncoder)
-    assert options == {"encoder": "spatial", "backbone_dims": DIMS, "grid": 4, "channels": 3, "seed": 0}
+    assert options == {"encoder": "spatial", "backbone_dims": DIMS, "grid": 4, "channels": 3, "seed": 0,
+                       "cells": {"croco": [4, 4], "vggt": [4, 4]}}
     assert not any(p.requires_grad for p in encoder.parameters())  # frozen for precompute
     again, _ = load_encoder("spatial", backbone_dims=dict(reversed(DIMS.items())),
                             options={"grid": 4, "channels": 3})
@@ -77,6 +78,12 @@ def test_same_weights_everywhere_and_a_policy_file_rebuilds_it():
     rebuilt = rebuild_encoder(record, encoder.state_dict())
     x = maps_with_object_at(3, batch=2)
     assert_float32_close(rebuilt(x), encoder(x), "cache")
+    # given the stores' frame shapes, no cell is finer than a map's own (vggt 6 x 6 under grid 8)
+    fitted, fitted_options = load_encoder("spatial", backbone_dims=DIMS, options={
+        "frame_shapes": {"croco": (12, 12, 8), "vggt": (6, 6, 6)}})
+    assert fitted.cells == {"croco": (8, 8), "vggt": (6, 6)} and fitted.out_dim == (64 + 36) * 16
+    assert fitted_options["cells"] == {"croco": [8, 8], "vggt": [6, 6]}
+    assert rebuild_encoder(encoder_record(fitted, "spatial"), fitted.state_dict()).out_dim == fitted.out_dim
     with pytest.raises(DprgbError, match="unknown spatial encoder options \\['grids'\\]"):
         load_encoder("spatial", backbone_dims=DIMS, options={"grids": 4})
     with pytest.raises(DprgbError, match="spatial encoder needs vggt features"):
