@@ -8,6 +8,7 @@ written atomically, loaded with weights_only=True (dprgb.torch_files).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import random
 from collections.abc import Callable
@@ -131,11 +132,14 @@ def data_parallel(policy: DiffusionRGBPolicy, device: torch.device,
                   trains_encoder: bool) -> DistributedDataParallel:
     """The policy under DDP in the process group already joined (bench/gpu.py times it too)."""
     device_ids = [device.index] if device.type == "cuda" else None
-    # broadcast_buffers=False: the only buffers are the constant normalizer (and the
-    # encoder's constants). A trainable encoder may hold parameters its forward never uses
-    # (an RGB2PC MoE gate's noise scale): DDP must then look for unused ones.
-    return DistributedDataParallel(policy, device_ids=device_ids, broadcast_buffers=False,
-                                   find_unused_parameters=trains_encoder)
+    # No buffer sync at each forward: the only buffers are the constant normalizer (and the
+    # encoder's constants). torch 2.13 renamed the switch (`broadcast_buffers` warns there).
+    # A trainable encoder may hold parameters its forward never uses (an RGB2PC MoE gate's
+    # noise scale): DDP must then look for unused ones.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+    return DistributedDataParallel(policy, device_ids=device_ids, find_unused_parameters=trains_encoder,
+                                   **no_sync)
 
 
 @dataclass
