@@ -152,7 +152,10 @@ def _backbone_of(root: str | Path) -> str:
 class EncoderConfig(Config):
     """The frozen frame encoder precompute runs and finetune starts from."""
 
-    encoder: str = "reference"  # "reference", "pooled", an RGB2PC checkpoint, TorchScript, module:factory
+    # "reference", "pooled", "spatial", an RGB2PC checkpoint, TorchScript, module:factory. From
+    # camera pixels without a trained RGB2PC, use "spatial": it keeps where things are, which the
+    # reference encoder's statistics lose (README "From pixels" has the closed-loop numbers).
+    encoder: str = "reference"
     encoder_weights: str | None = None  # state dict for a plugin / the reference encoder
     encoder_options: dict[str, Any] = field(default_factory=dict)  # e.g. {nhead: 20}
     encoder_amp: bool = False  # bf16 autocast for the encoder on CUDA (changes the features)

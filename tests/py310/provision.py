@@ -1,7 +1,7 @@
 """A Python 3.10 virtual environment for the simulator's side (tests/deploy/test_python310.py): find a 3.10
-interpreter, make `build/py310` with tests/py310/requirements.txt. `.ci/run` calls this before the
-tests, so the one download (from the package index) happens there, visibly; the test calls it
-only when the environment is missing or stale.
+interpreter, make `build/py310` with tests/py310/requirements.txt. The test calls it when the
+environment is missing or stale (the first run of the suite downloads the four requirements from
+the package index); run it by hand to make the environment ahead of the tests.
 
     python tests/py310/provision.py        # prints the environment's python
 
