@@ -301,7 +301,9 @@ def rgb_rows_for(env: str, data: dict, args: argparse.Namespace, extractor: Any,
         measure("state", data["state_config"], state, runs / "state", "pooled")
     pixel = {**COMMON, **base, "proprio": PROPRIO[args.pixel_proprio]}
     first = None
-    for encoder in args.pixel_encoder:
+    # stage2 and the latency rows start from stage1's policy, so they measure it too
+    needs_stage1 = bool(args.rows & {"stage1", "stage2"} or args.inference_steps)
+    for encoder in args.pixel_encoder if needs_stage1 else []:
         overrides = {**pixel, "encoder": encoder}
         folder = runs / f"pixels-{encoder}"
         final = measure("stage1", data["rgb_config"], overrides, folder, encoder, extractor)
