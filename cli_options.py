@@ -39,6 +39,11 @@ PluginEncoderOpt = Annotated[
     str | None, typer.Option("--encoder", help="module:factory of a plugin encoder.")
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
+# the two deploy commands
+LiveExtractorOpt = Annotated[str, typer.Option(
+    "--extractor", help="module:factory of the live feature extractor "
+                        "(RGB frames -> the policy's feature maps).")]
+PolicyNameOpt = Annotated[str | None, typer.Option("--name", help="The policy's name: writes OUT/NAME.")]
 
 
 def settings_of(config: Path | None, group: str | None = None, **flags: Any) -> Settings:

@@ -15,7 +15,9 @@ from dprgb.cli_options import (
     CheckpointOpt,
     ConfigOpt,
     JsonOpt,
+    LiveExtractorOpt,
     PluginEncoderOpt,
+    PolicyNameOpt,
     TasksOpt,
     app,
     deploy_app,
@@ -67,11 +69,10 @@ def rollout(
 @deploy_app.command("robotwin")
 def deploy_robotwin(
     checkpoint: CheckpointOpt,
-    extractor: Annotated[str, typer.Option(help="module:factory of the live feature extractor "
-                                                "(RGB frames -> the policy's feature maps).")],
+    extractor: LiveExtractorOpt,
     out: Annotated[Path, typer.Option(help="The folder to write, RoboTwin's policy/<NAME> (with --name: "
                                            "the folder it goes into, RoboTwin's policy/).")],
-    name: Annotated[str | None, typer.Option(help="The policy's name: writes OUT/NAME.")] = None,
+    name: PolicyNameOpt = None,
     task: Annotated[str | None, typer.Option(help="The policy's task (default: its only one, or the "
                                                   "one named like RoboTwin's task_name).")] = None,
     camera: Annotated[str, typer.Option(help="The camera the extractor sees.")] = "head_camera",
@@ -92,11 +93,10 @@ def deploy_robotwin(
 @deploy_app.command("xpolicylab")
 def deploy_xpolicylab(
     checkpoint: CheckpointOpt,
-    extractor: Annotated[str, typer.Option(help="module:factory of the live feature extractor "
-                                                "(RGB frames -> the policy's feature maps).")],
+    extractor: LiveExtractorOpt,
     out: Annotated[Path, typer.Option(help="The folder to write, XPolicyLab's policy/<NAME> (with --name: "
                                            "the folder it goes into, XPolicyLab's policy/).")],
-    name: Annotated[str | None, typer.Option(help="The policy's name: writes OUT/NAME.")] = None,
+    name: PolicyNameOpt = None,
     task: Annotated[str | None, typer.Option(help="The policy's task (default: its only one, or the "
                                                   "one named like XPolicyLab's task_name).")] = None,
     camera: Annotated[str, typer.Option(help="The camera the extractor sees (vision.CAMERA.color).")
