@@ -18,12 +18,15 @@ rollout` calls.
 
 Recipes are config overrides only (`RECIPES`; `--set key=value` adds to each); "old" is the
 reference recipe, "new" the trainer's defaults. Demonstrations and caches are kept under
-`--work` and reused by later runs.
+`--work` and reused by later runs; with `--reuse-runs` (pixel rows) so are the trained runs
+whose settings, data and cache pass the trainer's resume check.
 Results: a table on stdout, and with `--results-md FILE` one markdown row per measurement
 (with its exact configuration) appended as it is measured.
 
 From pixels (`--obs rgb`): the demonstrations are recorded with the camera (`--camera`,
-`--size`; RoboTwin HDF5 episodes with JPEG frames, `dprgb.deploy.metaworld_demos`), `dprgb extract`
+`--size`; `--camera corner3+corner`: both views side by side in each frame, `--size` each, for
+an extractor such as `dprgb.pipeline.reference_extractor:camera_pair`; RoboTwin HDF5 episodes
+with JPEG frames, `dprgb.deploy.metaworld_demos`), `dprgb extract`
 runs the extractor (`--extractor module:factory`, default the built-in reference extractor
 `dprgb.pipeline.reference_extractor:camera`; its backbones from the extractor, or `--backbone
 NAME[:causal|any]`) over them into per-frame stores, and per task these rows are measured on
@@ -71,6 +74,7 @@ from dprgb.errors import DprgbError
 from dprgb.naming import KNOWN_BACKBONES, default_slot_policy
 from dprgb.pipeline.extractor import extractor_backbones, load_extractor
 from dprgb.trainer.config import ModelConfig, TrainConfig
+from dprgb.trainer.run_folder import RunFolder
 from dprgb.trainer.windows import windows_per_episode
 
 # What every run shares: the issue's budget (small head, batch 64, all demonstrations). `epochs`
@@ -189,6 +193,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ---- from pixels (--obs rgb) -------------------------------------------------------------------
 
 REFERENCE_EXTRACTOR = "dprgb.pipeline.reference_extractor:camera"
+PIXEL_SIZE = 96  # square camera frames (each view), pixels
 PIXEL_ENCODER = "spatial"  # the measured default for pixel features (README, EncoderConfig.encoder)
 PIXEL_PROPRIO = "on"  # the robot's own state beside the camera, as RoboTwin's DP takes agent_pos
 
@@ -266,14 +271,32 @@ def rgb_row(kind: str, env: str, steps: int, total: int, summary: dict, expert: 
             "sample_ms_per_plan": summary["sample_ms_per_plan"], "overrides": overrides, **extra}
 
 
-def train_run(config: Path, task: str, overrides: dict, run_dir: Path) -> tuple[Path, float]:
-    """Train one run (stage 1 precomputes its encoder's cache first, only what is missing)."""
+def train_run(config: Path, task: str, overrides: dict, run_dir: Path,
+              reuse: bool) -> tuple[Path, float, bool]:
+    """Train one run (stage 1 precomputes its encoder's cache first, only what is missing). With
+    `reuse`, a run already in `run_dir` is resumed instead when the trainer's resume check passes
+    (the same settings, data and cache fingerprint; only a shorter run trains on): a finished
+    one trains no step. A stage-2 run older than the policy it starts from is trained anew (the
+    check sees the init's path, not its weights). Returns the policy file, the seconds, and
+    whether it was resumed."""
     settings = load_settings(config, overrides={**overrides, "save_dir": str(run_dir)})
     start = time.perf_counter()
-    if not overrides.get("finetune"):
+    finetune = bool(overrides.get("finetune"))
+    if not finetune:
         app_precompute.run(settings, [task])
+    latest = RunFolder.of_group(run_dir, "run", finetune).latest
+    init = Path(overrides.get("init_checkpoint") or latest)
+    if reuse and latest.is_file() and latest.stat().st_mtime < init.stat().st_mtime:
+        print(f"note: {latest.parent.parent} is older than the policy it starts from: trained anew",
+              flush=True)
+    elif reuse and latest.is_file():
+        try:
+            final = app_train.run(settings, "run", [task], progress=False, resume=True)["checkpoint"]
+            return Path(final), time.perf_counter() - start, True
+        except DprgbError as err:
+            print(f"note: {run_dir} not reused, trained anew: {err.one_line()}", flush=True)
     final = app_train.run(settings, "run", [task], progress=False, overwrite_run=True)["checkpoint"]
-    return Path(final), time.perf_counter() - start
+    return Path(final), time.perf_counter() - start, False
 
 
 def rgb_rows_for(env: str, data: dict, args: argparse.Namespace, extractor: Any, seeds: range,
@@ -283,17 +306,23 @@ def rgb_rows_for(env: str, data: dict, args: argparse.Namespace, extractor: Any,
     extra, steps = parse_env_options(args.set), args.steps[0]
     base = {**RECIPES[args.recipe[0]], **extra, "max_steps": steps}
     base["epochs"] = epochs_for(steps, data["demos"]["lengths"], {**COMMON, **base})
-    label = "-".join([args.recipe[0], str(steps)] + [f"{k}{v}" for k, v in extra.items()])
+    # named by what differs from the defaults: the pixel setup (another camera, size or
+    # extractor's runs never land in, nor resume, the default setup's), then the overrides
+    pixel_setup = ((args.camera, DEFAULT_PIXEL_CAMERA, args.camera),
+                   (args.size, PIXEL_SIZE, f"{args.size}px"),
+                   (args.extractor, REFERENCE_EXTRACTOR, args.extractor.replace(":", "-")))
+    setup = [name for value, default, name in pixel_setup if value != default]
+    label = "-".join([args.recipe[0], str(steps), *setup] + [f"{k}{v}" for k, v in extra.items()])
     runs = Path(args.work) / "runs-rgb" / env / label
     pixel_kwargs = pixel_env_kwargs(env, args, data["pixels"])
 
     def measure(kind: str, config: Path, overrides: dict, run_dir: Path, encoder: str, live: Any = None,
                 total: int = steps) -> Path:
-        final, train_s = train_run(config, data["task"], overrides, run_dir)
+        final, train_s, resumed = train_run(config, data["task"], overrides, run_dir, args.reuse_runs)
         kwargs = pixel_kwargs if live is not None else {"task": env, "max_steps": args.max_steps}
         summary, rollout_s = roll(final, kwargs, seeds, final.parent / "rollouts", live)
         emit(rgb_row(kind, env, steps, total, summary, expert, train_s, rollout_s, overrides,
-                     encoder=encoder))
+                     encoder=encoder, resumed=resumed))
         return final
 
     if "state" in args.rows:
@@ -331,10 +360,11 @@ RGB_HEADER = ("| task | row | encoder | optimizer steps (total) | success | expe
 
 def rgb_markdown(row: dict[str, Any]) -> str:
     split = " / ".join(f"{row['per_act_ms'][key]:.1f}" for key in TIME_SPLIT)
+    train = f"{row['train_s']:.0f}" + (" (resumed)" if row.get("resumed") else "")
     config = json.dumps(row["overrides"], separators=(",", ":"))
     return (f"| {row['task']} | {row['row']} | {row['encoder']} | {row['steps']} ({row['total_steps']}) | "
             f"{row['success']:.2f} | {row['expert']:.2f} | {row['episodes']} | {row['mean_length']:.1f} | "
-            f"{row['train_s']:.0f} | {row['rollout_s']:.0f} | {split} | {row['sample_ms_per_plan']:.1f} | "
+            f"{train} | {row['rollout_s']:.0f} | {split} | {row['sample_ms_per_plan']:.1f} | "
             f"`{config}` |")
 
 
@@ -396,11 +426,13 @@ def main() -> None:
     rgb.add_argument("--extractor", default=REFERENCE_EXTRACTOR, help="module:factory")
     rgb.add_argument("--backbone", action="append", help="NAME[:causal|any] (repeat); default: its own")
     rgb.add_argument("--camera", default=DEFAULT_PIXEL_CAMERA)
-    rgb.add_argument("--size", type=int, default=96, help="square camera frames, pixels")
+    rgb.add_argument("--size", type=int, default=PIXEL_SIZE, help="square camera frames (each view), pixels")
     rgb.add_argument("--pixel-encoder", action="append", help=f"(repeat); default {PIXEL_ENCODER}")
     rgb.add_argument("--pixel-proprio", choices=["on", "off"], default=PIXEL_PROPRIO)
     rgb.add_argument("--rows", default="state,stage1,stage2,pooled", help="which rows (comma-separated)")
     rgb.add_argument("--stage2-set", action="append", help="key=value for the stage2 rows only (repeat)")
+    rgb.add_argument("--reuse-runs", action="store_true",
+                     help="resume the runs already under --work when the trainer's resume check passes")
     rgb.add_argument("--inference-steps", type=int, action="append", help="latency rows (repeat)")
     rgb.add_argument("--latency-env", action="append", help="tasks of the latency rows (default: first two)")
     args = parser.parse_args()

@@ -24,7 +24,9 @@ the goal observable (MT1's setting); demonstrations and evaluation use disjoint 
 Pixels (`PixelSpec`: camera, frame size, shadows). The env's pixel observation mode
 (`obs="rgb"`) renders the camera at every step and observes `{"rgb": (H, W, 3) uint8 RGB,
 "proprio": (4,)}` (`proprio=False` leaves the state out), which the runner turns into features
-through the user's extractor. Rendering: MuJoCo
+through the user's extractor. Several views: `camera="corner3+corner"` renders each camera at
+W x H and observes them side by side, one (H, n * W, 3) frame (what one camera cannot tell, e.g.
+how high a goal floats along its line of sight, two views can). Rendering: MuJoCo
 offscreen through EGL (`MUJOCO_GL=egl`; Mesa's software rasteriser here). Shadows are off by
 default: they cost 70 % of a frame in software (96 x 96: about 75 ms with, 21 ms without, on this
 2-core machine) and are not needed to see where things are.
@@ -69,23 +71,32 @@ EVAL_SEED = 100_000  # evaluation seeds start here; demonstrations use seeds bel
 OBS_DIM = 39
 OBSERVATIONS = ("state", "rgb")
 DEFAULT_PIXEL_CAMERA = "corner3"  # sees the whole table from above its side: objects and gripper in view
+VIEW_SEPARATOR = "+"  # PixelSpec.camera "corner3+corner": two views side by side in one frame
 
 
 @dataclass(frozen=True)
 class PixelSpec:
     """The camera frames of the pixel observation mode and of pixel demonstrations."""
 
-    camera: str = DEFAULT_PIXEL_CAMERA  # a camera of the Meta-World model (corner, corner2, topview, ...)
-    width: int = 96
+    # a camera of the Meta-World model (corner, corner2, topview, ...), or several joined by "+"
+    camera: str = DEFAULT_PIXEL_CAMERA
+    width: int = 96  # of each view
     height: int = 96
     shadows: bool = False  # see the module docstring: 3.5x the render time in software
     # live frames through the JPEG of the recordings (RoboTwin's, quality 95) before they are
     # observed: see the module docstring (False: the raw rendering, as a camera gives it)
     jpeg: bool = True
 
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        """The views, left to right, of one observed frame."""
+        return tuple(self.camera.split(VIEW_SEPARATOR))
+
     def check(self) -> None:
         if self.width < 8 or self.height < 8:
             raise DprgbError(f"camera frames must be at least 8 x 8 pixels, got {self.width=} {self.height=}")
+        if not all(self.cameras) or len(set(self.cameras)) < len(self.cameras):
+            raise DprgbError(f"name each camera once, joined by {VIEW_SEPARATOR!r}: got {self.camera!r}")
 
 
 # ---- names -----------------------------------------------------------------------------------
@@ -165,9 +176,9 @@ class MetaWorldEnv:
             raise DprgbError(f"the Meta-World env observes one of {OBSERVATIONS}, got {obs=}")
         self.obs, self.proprio = obs, bool(proprio)
         self.pixels = (pixels or PixelSpec()) if obs == "rgb" else pixels
-        if self.pixels is not None:  # the camera of the frames is the one rendered
+        if self.pixels is not None:  # the camera of the frames is the one rendered (the first view)
             self.pixels.check()
-            render_mode, camera_name = "rgb_array", self.pixels.camera
+            render_mode, camera_name = "rgb_array", self.pixels.cameras[0]
             width, height = self.pixels.width, self.pixels.height
         if render_mode is not None:  # headless offscreen rendering (no display here)
             os.environ.setdefault("MUJOCO_GL", "egl")
@@ -176,8 +187,10 @@ class MetaWorldEnv:
         self.render_mode = render_mode
         env = ALL_V3_ENVIRONMENTS[self.env_name](render_mode=render_mode, width=width, height=height,
                                                  camera_name=camera_name)
-        if camera_name is not None and camera_name not in _camera_names(env.model):
-            raise DprgbError(f"Meta-World has no camera {camera_name!r} (it has "
+        wanted = self.pixels.cameras if self.pixels is not None else (camera_name,) if camera_name else ()
+        unknown = [name for name in wanted if name not in _camera_names(env.model)]
+        if unknown:
+            raise DprgbError(f"Meta-World has no camera {unknown[0]!r} (it has "
                              f"{', '.join(_camera_names(env.model))})")
         # MT1's task settings (goal observable), then Meta-World's own way to draw fresh random
         # initial states from a seeded np_random (what MT1 does to make its goals)
@@ -217,10 +230,10 @@ class MetaWorldEnv:
         """(H, W, 3) uint8 RGB of the pixel camera now, raw or as recorded (`PixelSpec.jpeg`); the
         time in `timings`."""
         start = time.perf_counter()
-        frame = self.render()
+        frame = self.render_views()
         if not self._shadows_set and self.pixels is not None:  # the viewer exists after a first render
             self._set_shadows(self.pixels.shadows)
-            frame = self.render()
+            frame = self.render_views()
         frame = self.raw_frame = np.ascontiguousarray(frame, dtype=np.uint8)  # what a recording encodes
         if self.pixels is not None and self.pixels.jpeg:
             frame = as_recorded(frame)
@@ -281,6 +294,22 @@ class MetaWorldEnv:
                              f"{os.environ.get('MUJOCO_GL')}): {type(err).__name__}: {err}; run "
                              "without video") from None
 
+    def render_views(self) -> np.ndarray:
+        """(H, n * W, 3) uint8 RGB: each camera of `pixels` rendered, side by side."""
+        if self.pixels is None or len(self.pixels.cameras) == 1:
+            return self.render()
+        import mujoco
+
+        renderer = self.env.mujoco_renderer  # gymnasium's: renders the camera `camera_id` names
+        first, views = renderer.camera_id, []
+        try:
+            for name in self.pixels.cameras:
+                renderer.camera_id = mujoco.mj_name2id(self.env.model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+                views.append(self.render())
+        finally:
+            renderer.camera_id = first
+        return np.concatenate(views, axis=1)
+
     def close(self) -> None:
         self.env.close()
 
@@ -306,7 +335,8 @@ def make_env(task: str, max_steps: int = DEFAULT_MAX_STEPS, render_mode: str | N
     --env-option task=pick-place-v3` (`task`: a Meta-World name or a dprgb task name; the
     rollout passes the policy's task when no option names one, and `obs=rgb` when the runner
     has an extractor). Pixel mode (`obs=rgb`): `camera` (default: the camera a dprgb task name
-    ends with, e.g. `..._corner3`, else corner3), `size` (square) or `width`/`height` (96),
+    ends with, e.g. `..._corner3`, else corner3; `corner3+gripperPOV`: both views side by side),
+    `size` (square) or `width`/`height` (96, of each view),
     `shadows`; `proprio=false` observes no state."""
     pixels = None
     if obs == "rgb":

@@ -142,8 +142,9 @@ class PooledEncoder(nn.Module):
 class SpatialEncoder(nn.Module):
     """Where things are, for users without a trained RGB2PC: per backbone (sorted by name), the
     feature map averaged over a grid of cells (adaptive average pooling to `cells[name]` = (rows,
-    columns), at most `grid` x `grid` and never finer than the map; cells as even as the map
-    allows), each cell's C-vector projected to `channels` values by one linear map shared by the
+    columns): `grid` cells along the map's shorter side and as many as keep them square along the
+    other, never finer than the map, so two views side by side keep each view's resolution),
+    each cell's C-vector projected to `channels` values by one linear map shared by the
     cells, flattened cell by cell: (B, rows * columns * channels); concatenated over backbones.
 
     A visuomotor policy must know where the gripper and the object are: `reference` keeps only
@@ -184,9 +185,13 @@ class SpatialEncoder(nn.Module):
 
     @staticmethod
     def cells_for(frame_shapes: dict[str, Any], grid: int = 8) -> dict[str, tuple[int, int]]:
-        """{backbone: (rows, columns)}: the grid, no finer than each map (Hf, Wf, C)."""
-        return {name: (min(int(grid), int(shape[0])), min(int(grid), int(shape[1])))
-                for name, shape in frame_shapes.items()}
+        """{backbone: (rows, columns)}: square cells, `grid` along the shorter side of each map
+        (Hf, Wf, C), none finer than the map (16 x 16 -> 8 x 8, 16 x 32 -> 8 x 16, 6 x 6 -> 6 x 6)."""
+        cells = {}
+        for name, (hf, wf, *_) in frame_shapes.items():
+            scale = min(int(grid), hf, wf) / min(hf, wf)  # cells per map entry, <= 1
+            cells[name] = (max(1, round(hf * scale)), max(1, round(wf * scale)))
+        return cells
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """{name: (B, Hf, Wf, C)} -> (B, out_dim)."""

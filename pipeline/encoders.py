@@ -133,7 +133,7 @@ def _build_spatial(spec: str, backbone_dims: dict[str, int] | None,
     if not backbone_dims:
         raise DprgbError("the spatial encoder needs backbone_dims (name -> channels)")
     kwargs = {k: options[k] for k in _SPATIAL_OPTIONS if k in options}
-    if options.get("frame_shapes"):  # the stores' maps: no cell finer than a map's own
+    if options.get("frame_shapes"):  # the stores' maps: square cells, none finer than a map's own
         kwargs["cells"] = SpatialEncoder.cells_for(options["frame_shapes"], kwargs.get("grid", 8))
     encoder = SpatialEncoder(backbone_dims, **kwargs)
     return encoder, {"encoder": "spatial", **encoder.architecture()}

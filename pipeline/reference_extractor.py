@@ -18,8 +18,9 @@ It behaves like the real ones where it matters for deployment, with nothing to d
 a windowed pack); calling the extractor gives the newest frame's map (the live interface of
 `dprgb.pipeline.extractor`); `version` and `fingerprint()` say which one made a store. Usable as
 `--extractor dprgb.pipeline.reference_extractor:factory` on the demo data written with RGB frames
-(`DemoSpec(rgb_frames=...)`), whose stored features it made, and as `...:camera` (finer maps) on
-simulator camera frames (the Meta-World pixel benchmark, `bench/closed_loop.py --obs rgb`).
+(`DemoSpec(rgb_frames=...)`), whose stored features it made, as `...:camera` (finer maps) on
+simulator camera frames (the Meta-World pixel benchmark, `bench/closed_loop.py --obs rgb`), and
+as `...:camera_pair` on frames of two such views side by side.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ DEMO_SHAPES = {"croco": (4, 4, 64), "vggt": (3, 4, 96)}
 # (a cell per 6 x 6 pixels of a 96 x 96 frame), vggt at 32 x 32. The demo's 4 x 4 map would see a
 # 96 x 96 frame at 16 x 16, where a Meta-World puck is under a pixel.
 CAMERA_SHAPES = {"croco": (16, 16, 32), "vggt": (8, 8, 48)}
+# Two views side by side in one frame (a Meta-World `camera="a+b"`): each view read as camera() reads one.
+CAMERA_PAIR_SHAPES = {name: (hf, 2 * wf, c) for name, (hf, wf, c) in CAMERA_SHAPES.items()}
 
 
 class ReferenceExtractor:
@@ -132,3 +135,10 @@ def camera() -> ReferenceExtractor:
     dprgb.pipeline.reference_extractor:camera`): croco 16x16x32 (per frame), vggt 8x8x48 (over
     the window)."""
     return ReferenceExtractor(CAMERA_SHAPES)
+
+
+def camera_pair() -> ReferenceExtractor:
+    """`camera()` for frames of two views side by side, twice as wide as tall (`--extractor
+    dprgb.pipeline.reference_extractor:camera_pair`, Meta-World `camera="corner3+corner"`):
+    croco 16x32x32, vggt 8x16x48."""
+    return ReferenceExtractor(CAMERA_PAIR_SHAPES)

@@ -139,3 +139,26 @@ def test_pixel_mode_options_and_errors():
         MetaWorldEnv("reach-v3", obs="rgb", pixels=PixelSpec(camera="nope"))
     with pytest.raises(DprgbError, match="observes one of"):
         MetaWorldEnv("reach-v3", obs="pixels")
+
+
+def test_several_views_are_each_camera_side_by_side():
+    from dprgb.deploy.metaworld import camera_of_task, task_name
+    from dprgb.errors import DprgbError
+    from dprgb.naming import parse_task_name
+
+    def frame(camera):
+        env = MetaWorldEnv("pick-place-v3", obs="rgb", pixels=PixelSpec(camera, 24, 20, jpeg=False))
+        observation, _ = env.reset(seed=5)
+        env.close()
+        return observation["rgb"]
+
+    pair = frame("corner3+corner")
+    assert pair.shape == (20, 48, 3)
+    assert np.array_equal(pair, np.concatenate([frame("corner3"), frame("corner")], axis=1))
+    assert not np.array_equal(pair[:, :24], pair[:, 24:])  # two cameras, not one twice
+    task = task_name("pick-place-v3", 30, "corner3+corner")  # the demonstrations' task: both views
+    assert camera_of_task(task) == "corner3+corner" == parse_task_name(task).camera
+    with pytest.raises(DprgbError, match="no camera 'nope'"):
+        MetaWorldEnv("reach-v3", obs="rgb", pixels=PixelSpec(camera="corner3+nope"))
+    with pytest.raises(DprgbError, match="name each camera once"):
+        MetaWorldEnv("reach-v3", obs="rgb", pixels=PixelSpec(camera="corner3+corner3"))

@@ -84,6 +84,10 @@ def test_same_weights_everywhere_and_a_policy_file_rebuilds_it():
     assert fitted.cells == {"croco": (8, 8), "vggt": (6, 6)} and fitted.out_dim == (64 + 36) * 16
     assert fitted_options["cells"] == {"croco": [8, 8], "vggt": [6, 6]}
     assert rebuild_encoder(encoder_record(fitted, "spatial"), fitted.state_dict()).out_dim == fitted.out_dim
+    # square cells: a map twice as wide (two views side by side) keeps each view's 8 x 8
+    assert SpatialEncoder.cells_for({"croco": (16, 32, 8), "vggt": (3, 4, 6), "state": (1, 1, 39),
+                                     "dino": (37, 49, 8)}) == {"croco": (8, 16), "vggt": (3, 4),
+                                                                "state": (1, 1), "dino": (8, 11)}
     with pytest.raises(DprgbError, match="unknown spatial encoder options \\['grids'\\]"):
         load_encoder("spatial", backbone_dims=DIMS, options={"grids": 4})
     with pytest.raises(DprgbError, match="spatial encoder needs vggt features"):
