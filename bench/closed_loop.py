@@ -84,22 +84,23 @@ COMMON = {"down_dims": [64, 128, 256], "batch_size": 64, "val_episodes_per_task"
           "log_every_steps": 500}
 # Config overrides per recipe. "old" is the reference diffusion_policy recipe (epsilon, lr 1e-4,
 # warmup 500; EMA power 0.75, To 2, Ta 8, H 16), the trainer's defaults before these numbers;
-# "new" is the trainer's defaults now (sample, lr 1e-3, warmup 100).
-# Every recipe names the three keys it is about, so a change of the trainer's defaults never
-# relabels a recipe.
-OLD = {"prediction_type": "epsilon", "lr": 1e-4, "lr_warmup_steps": 500}
-FAST = {"prediction_type": "sample", "lr": 1e-3, "lr_warmup_steps": 100}  # = the defaults now
+# "new" is the trainer's defaults now (sample, lr 1e-3, warmup 100, an observation MLP of 128),
+# the screening's base ("sample-lr1e-3", ...) the same without the MLP. Every other recipe names
+# the four keys it is about, so a change of the trainer's defaults never relabels it.
+OLD = {"prediction_type": "epsilon", "lr": 1e-4, "lr_warmup_steps": 500, "obs_encoder_dim": 0}
+SCREENED = {"prediction_type": "sample", "lr": 1e-3, "lr_warmup_steps": 100, "obs_encoder_dim": 0}
+FAST = {**SCREENED, "obs_encoder_dim": 128}  # the defaults now
 RECIPES: dict[str, dict[str, Any]] = {
     "old": OLD,
     "new": FAST,
     "sample": {**OLD, "prediction_type": "sample"},
-    "eps-lr1e-3": {**FAST, "prediction_type": "epsilon"},
-    "sample-lr1e-3": FAST,
-    "sample-lr1e-3-ta4": {**FAST, "n_action_steps": 4},
-    "sample-lr1e-3-noema": {**FAST, "ema_max_decay": 0.0},
-    "sample-lr1e-3-to1": {**FAST, "n_obs_steps": 1},
-    "sample-lr1e-3-wd": {**FAST, "weight_decay": 0.1},
-    "sample-lr1e-3-obsmlp": {**FAST, "obs_encoder_dim": 128},
+    "eps-lr1e-3": {**SCREENED, "prediction_type": "epsilon"},
+    "sample-lr1e-3": SCREENED,
+    "sample-lr1e-3-ta4": {**SCREENED, "n_action_steps": 4},
+    "sample-lr1e-3-noema": {**SCREENED, "ema_max_decay": 0.0},
+    "sample-lr1e-3-to1": {**SCREENED, "n_obs_steps": 1},
+    "sample-lr1e-3-wd": {**SCREENED, "weight_decay": 0.1},
+    "sample-lr1e-3-obsmlp": FAST,
 }
 PROPRIO = {"off": "none", "on": "layout"}
 
