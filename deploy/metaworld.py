@@ -188,10 +188,11 @@ class MetaWorldEnv:
         env = ALL_V3_ENVIRONMENTS[self.env_name](render_mode=render_mode, width=width, height=height,
                                                  camera_name=camera_name)
         wanted = self.pixels.cameras if self.pixels is not None else (camera_name,) if camera_name else ()
-        unknown = [name for name in wanted if name not in _camera_names(env.model)]
+        names = _camera_names(env.model)  # a camera's id is its index here
+        unknown = [name for name in wanted if name not in names]
         if unknown:
-            raise DprgbError(f"Meta-World has no camera {unknown[0]!r} (it has "
-                             f"{', '.join(_camera_names(env.model))})")
+            raise DprgbError(f"Meta-World has no camera {unknown[0]!r} (it has {', '.join(names)})")
+        self.view_ids = [names.index(name) for name in wanted]  # rendered left to right (pixel mode)
         # MT1's task settings (goal observable), then Meta-World's own way to draw fresh random
         # initial states from a seeded np_random (what MT1 does to make its goals)
         env.set_task(metaworld.MT1(self.env_name, seed=0).train_tasks[0])
@@ -296,15 +297,13 @@ class MetaWorldEnv:
 
     def render_views(self) -> np.ndarray:
         """(H, n * W, 3) uint8 RGB: each camera of `pixels` rendered, side by side."""
-        if self.pixels is None or len(self.pixels.cameras) == 1:
+        if self.pixels is None or len(self.view_ids) == 1:
             return self.render()
-        import mujoco
-
         renderer = self.env.mujoco_renderer  # gymnasium's: renders the camera `camera_id` names
         first, views = renderer.camera_id, []
         try:
-            for name in self.pixels.cameras:
-                renderer.camera_id = mujoco.mj_name2id(self.env.model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+            for camera_id in self.view_ids:
+                renderer.camera_id = camera_id
                 views.append(self.render())
         finally:
             renderer.camera_id = first
